@@ -1,0 +1,7 @@
+//! Data: read JSONL rows, render chat templates, tokenize as TRL does, collate into batches.
+
+pub mod collate;
+pub mod encode;
+pub mod read;
+pub mod template;
+pub mod tokenizer;

@@ -1,0 +1,10 @@
+//! leash: align language models to human preferences (SFT, DPO, IPO, KTO, ORPO, LoRA, GRPO)
+//! on candle, reproducing Hugging Face TRL's numbers.
+
+pub mod data;
+pub mod error;
+pub mod loss;
+pub mod model;
+pub mod scoring;
+
+pub use error::{LeashError, Result};

@@ -1,0 +1,136 @@
+//! GPT-2 decoder: learned positions, pre-LayerNorm blocks, fused q/k/v projection stored as
+//! `Conv1D` (weight (in, out)), GELU MLP, lm_head tied to the token embedding. Mirrors
+//! transformers' `modeling_gpt2.py`. Checkpoints name tensors with or without the
+//! `transformer.` prefix (the original OpenAI upload has none); both load.
+//!
+//! Legend: b batch, t time, c channels, h heads, d head dim.
+
+use candle_core::{Module, Tensor, D};
+
+use super::config::ModelConfig;
+use super::linear::Linear;
+use super::ops::{attention, layer_norm};
+use super::params::ParamLoader;
+use super::ForwardInput;
+use crate::error::{LeashError, Result};
+
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+struct Block {
+    ln_1: Norm,
+    c_attn: Linear,
+    c_proj: Linear,
+    ln_2: Norm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+pub struct Gpt2 {
+    cfg: ModelConfig,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+}
+
+impl Gpt2 {
+    pub fn load(cfg: &ModelConfig, p: &ParamLoader) -> Result<Self> {
+        let prefix = if p.contains("transformer.wte.weight") {
+            "transformer."
+        } else {
+            ""
+        };
+        let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let norm = |name: &str| -> Result<Norm> {
+            Ok(Norm {
+                weight: p.get(&format!("{prefix}{name}.weight"), &[c])?,
+                bias: p.get(&format!("{prefix}{name}.bias"), &[c])?,
+            })
+        };
+        let conv = |name: &str, inp: usize, out: usize| -> Result<Linear> {
+            Ok(Linear::conv1d(
+                p.get(&format!("{prefix}{name}.weight"), &[inp, out])?,
+                Some(p.get(&format!("{prefix}{name}.bias"), &[out])?),
+            ))
+        };
+        let wte = p.get(&format!("{prefix}wte.weight"), &[cfg.vocab_size, c])?;
+        let wpe = p.get(
+            &format!("{prefix}wpe.weight"),
+            &[cfg.max_position_embeddings, c],
+        )?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            blocks.push(Block {
+                ln_1: norm(&format!("h.{l}.ln_1"))?,
+                c_attn: conv(&format!("h.{l}.attn.c_attn"), c, 3 * c)?,
+                c_proj: conv(&format!("h.{l}.attn.c_proj"), c, c)?,
+                ln_2: norm(&format!("h.{l}.ln_2"))?,
+                c_fc: conv(&format!("h.{l}.mlp.c_fc"), c, i)?,
+                mlp_proj: conv(&format!("h.{l}.mlp.c_proj"), i, c)?,
+            });
+        }
+        Ok(Gpt2 {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            ln_f: norm("ln_f")?,
+            blocks,
+        })
+    }
+
+    /// Final-normed hidden states (b, t, c).
+    pub fn forward_hidden(&self, input: &ForwardInput) -> Result<Tensor> {
+        let (b, t) = input.ids.dims2()?;
+        let cfg = &self.cfg;
+        let (h, d, c) = (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size);
+        if let Some(&p) = input.positions.iter().max() {
+            if p as usize >= cfg.max_position_embeddings {
+                return Err(LeashError::usage(
+                    format!(
+                        "position {p} is beyond GPT-2's n_positions {}",
+                        cfg.max_position_embeddings
+                    ),
+                    "lower --max-length",
+                ));
+            }
+        }
+        let positions = Tensor::new(input.positions.as_slice(), input.ids.device())?;
+        let tok = self.wte.index_select(&input.ids.flatten_all()?, 0)?;
+        let pos = self.wpe.index_select(&positions, 0)?;
+        let mut x = (tok + pos)?.reshape((b, t, c))?; // (b, t, c)
+        for blk in &self.blocks {
+            let a = layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
+            let qkv = blk.c_attn.forward(&a)?; // (b, t, 3c)
+            let split = |k: usize| -> candle_core::Result<Tensor> {
+                qkv.narrow(D::Minus1, k * c, c)?
+                    .reshape((b, t, h, d))?
+                    .transpose(1, 2) // (b, h, t, d)
+            };
+            let y = attention(&split(0)?, &split(1)?, &split(2)?, &input.mask)?;
+            let y = y.transpose(1, 2)?.reshape((b, t, c))?;
+            x = (x + blk.c_proj.forward(&y)?)?;
+            let m = layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;
+            let m = blk.c_fc.forward(&m)?;
+            let m = if cfg.gelu_tanh {
+                m.gelu()?
+            } else {
+                m.gelu_erf()?
+            };
+            x = (x + blk.mlp_proj.forward(&m)?)?;
+        }
+        Ok(layer_norm(
+            &x,
+            &self.ln_f.weight,
+            &self.ln_f.bias,
+            cfg.norm_eps,
+        )?)
+    }
+
+    /// Tied to the token embedding: (v, c).
+    pub fn lm_head(&self) -> &Tensor {
+        &self.wte
+    }
+}

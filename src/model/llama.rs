@@ -1,0 +1,126 @@
+//! Llama-family decoder (Llama 2/3, Mistral, SmolLM, Qwen2): pre-RMSNorm blocks, rotary
+//! positions (rotate-half), grouped-query attention, SwiGLU MLP. Mirrors transformers'
+//! `modeling_llama.py`; tensor names follow the checkpoint (`model.layers.{i}.self_attn.q_proj`).
+//!
+//! Legend: b batch, t time, c hidden channels, h heads, d head dim.
+
+use candle_core::{Module, Tensor};
+
+use super::config::ModelConfig;
+use super::linear::Linear;
+use super::ops::{apply_rope, attention, rms_norm, rope_inv_freq, rope_tables};
+use super::params::ParamLoader;
+use super::ForwardInput;
+use crate::error::Result;
+
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Llama {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Vec<f32>,
+}
+
+fn linear(p: &ParamLoader, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let w = p.get(&format!("{name}.weight"), &[out, inp])?;
+    let b = if bias {
+        Some(p.get(&format!("{name}.bias"), &[out])?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+impl Llama {
+    pub fn load(cfg: &ModelConfig, p: &ParamLoader) -> Result<Self> {
+        let (c, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let q_dim = cfg.num_attention_heads * cfg.head_dim;
+        let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
+        let embed = p.get("model.embed_tokens.weight", &[v, c])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let pre = format!("model.layers.{l}");
+            let attn = format!("{pre}.self_attn");
+            let mlp = format!("{pre}.mlp");
+            layers.push(Layer {
+                input_norm: p.get(&format!("{pre}.input_layernorm.weight"), &[c])?,
+                q: linear(p, &format!("{attn}.q_proj"), q_dim, c, cfg.qkv_bias)?,
+                k: linear(p, &format!("{attn}.k_proj"), kv_dim, c, cfg.qkv_bias)?,
+                v: linear(p, &format!("{attn}.v_proj"), kv_dim, c, cfg.qkv_bias)?,
+                o: linear(p, &format!("{attn}.o_proj"), c, q_dim, cfg.o_bias)?,
+                post_norm: p.get(&format!("{pre}.post_attention_layernorm.weight"), &[c])?,
+                gate: linear(p, &format!("{mlp}.gate_proj"), i, c, cfg.mlp_bias)?,
+                up: linear(p, &format!("{mlp}.up_proj"), i, c, cfg.mlp_bias)?,
+                down: linear(p, &format!("{mlp}.down_proj"), c, i, cfg.mlp_bias)?,
+            });
+        }
+        let norm = p.get("model.norm.weight", &[c])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            p.get("lm_head.weight", &[v, c])?
+        };
+        Ok(Llama {
+            inv_freq: rope_inv_freq(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling),
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Final-normed hidden states (b, t, c).
+    pub fn forward_hidden(&self, input: &ForwardInput) -> Result<Tensor> {
+        let (b, t) = input.ids.dims2()?;
+        let cfg = &self.cfg;
+        let (hq, hkv, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let (cos, sin) = rope_tables(&input.positions, &self.inv_freq, input.ids.device())?;
+        let dtype = self.embed.dtype();
+        let cos = cos.reshape((b, 1, t, d))?.to_dtype(dtype)?;
+        let sin = sin.reshape((b, 1, t, d))?.to_dtype(dtype)?;
+        let mut x = self
+            .embed
+            .index_select(&input.ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?; // (b, t, c)
+        for layer in &self.layers {
+            let h = rms_norm(&x, &layer.input_norm, cfg.norm_eps)?;
+            let heads = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
+                lin.forward(&h)?.reshape((b, t, n, d))?.transpose(1, 2) // (b, n, t, d)
+            };
+            let q = apply_rope(&heads(&layer.q, hq)?, &cos, &sin)?;
+            let k = apply_rope(&heads(&layer.k, hkv)?, &cos, &sin)?;
+            let v = heads(&layer.v, hkv)?;
+            let y = attention(&q, &k, &v, &input.mask)?; // (b, hq, t, d)
+            let y = y.transpose(1, 2)?.reshape((b, t, hq * d))?;
+            x = (x + layer.o.forward(&y)?)?;
+            let h = rms_norm(&x, &layer.post_norm, cfg.norm_eps)?;
+            let gated = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
+            let mlp = layer.down.forward(&(gated * layer.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        Ok(rms_norm(&x, &self.norm, cfg.norm_eps)?)
+    }
+
+    /// (v, c)
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+}

@@ -1,0 +1,114 @@
+//! Causal language models: config, weights, the decoder families, and a loaded checkpoint.
+
+pub mod config;
+pub mod gpt2;
+pub mod linear;
+pub mod llama;
+pub mod ops;
+pub mod params;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor, Var};
+
+pub use config::{Family, ModelConfig};
+use params::ParamLoader;
+pub use weights::Weights;
+
+use crate::error::Result;
+
+/// One batch of token rows ready for the decoder.
+pub struct ForwardInput {
+    /// (b, t) u32 token ids.
+    pub ids: Tensor,
+    /// b·t position ids, row-major (rotary or learned positions).
+    pub positions: Vec<u32>,
+    /// (b, 1, t, t) additive attention mask.
+    pub mask: Tensor,
+}
+
+enum Arch {
+    Llama(llama::Llama),
+    Gpt2(gpt2::Gpt2),
+}
+
+/// A causal LM producing final hidden states, plus its lm_head and parameter list.
+pub struct Decoder {
+    pub config: ModelConfig,
+    arch: Arch,
+    /// Parameters in checkpoint order under their Hugging Face names (tied lm_head excluded).
+    params: Vec<(String, Tensor)>,
+}
+
+impl Decoder {
+    /// Loads config.json and the safetensors weights in `dir`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let weights = Weights::from_dir(dir, device)?;
+        Self::from_weights(config, &weights)
+    }
+
+    pub fn from_weights(config: ModelConfig, weights: &Weights) -> Result<Self> {
+        let loader = ParamLoader::new(weights);
+        let arch = match config.family {
+            Family::Llama => Arch::Llama(llama::Llama::load(&config, &loader)?),
+            Family::Gpt2 => Arch::Gpt2(gpt2::Gpt2::load(&config, &loader)?),
+        };
+        Ok(Decoder {
+            config,
+            arch,
+            params: loader.into_params(),
+        })
+    }
+
+    /// Final-normed hidden states (b, t, c).
+    pub fn forward_hidden(&self, input: &ForwardInput) -> Result<Tensor> {
+        match &self.arch {
+            Arch::Llama(m) => m.forward_hidden(input),
+            Arch::Gpt2(m) => m.forward_hidden(input),
+        }
+    }
+
+    /// Output projection (v, c).
+    pub fn lm_head(&self) -> &Tensor {
+        match &self.arch {
+            Arch::Llama(m) => m.lm_head(),
+            Arch::Gpt2(m) => m.lm_head(),
+        }
+    }
+
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.params.iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
+    /// A copy of this model whose parameters are fresh trainable variables (same names, same
+    /// order). The original keeps its own storage, so it can serve as the frozen reference.
+    pub fn to_trainable(&self) -> Result<(Decoder, Vec<(String, Var)>)> {
+        let mut vars = Vec::with_capacity(self.params.len());
+        let mut map = HashMap::new();
+        for (name, t) in &self.params {
+            let var = Var::from_tensor(t)?;
+            map.insert(name.clone(), var.as_tensor().clone());
+            vars.push((name.clone(), var));
+        }
+        let weights = Weights::new(map, Path::new("<trainable copy>").to_path_buf());
+        let model = Decoder::from_weights(self.config.clone(), &weights)?;
+        Ok((model, vars))
+    }
+
+    /// A frozen copy with the same parameter values as `vars` at this moment.
+    pub fn snapshot(config: &ModelConfig, vars: &[(String, Var)]) -> Result<Decoder> {
+        let mut map = HashMap::new();
+        for (name, var) in vars {
+            map.insert(name.clone(), var.as_tensor().detach().copy()?);
+        }
+        let weights = Weights::new(map, Path::new("<snapshot>").to_path_buf());
+        Decoder::from_weights(config.clone(), &weights)
+    }
+}
