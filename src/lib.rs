@@ -6,5 +6,6 @@ pub mod error;
 pub mod loss;
 pub mod model;
 pub mod scoring;
+pub mod train;
 
 pub use error::{LeashError, Result};

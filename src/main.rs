@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use leash::train::config::{resolve, Method, TrainArgs};
 
 #[derive(Parser)]
 #[command(
@@ -31,10 +32,37 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         max_length: usize,
     },
+    /// Supervised fine-tuning with the loss on completion tokens only (TRL SFTTrainer).
+    Sft(TrainArgs),
+    /// Direct Preference Optimization against a frozen reference (TRL DPOTrainer);
+    /// `--loss-type ipo` for IPO, `hinge` for SLiC.
+    Dpo(TrainArgs),
+    /// Kahneman-Tversky Optimization on unpaired thumbs-up/down data (TRL KTOTrainer).
+    Kto(TrainArgs),
+    /// Odds-Ratio Preference Optimization: SFT + odds-ratio term, no reference (TRL ORPOTrainer).
+    Orpo(TrainArgs),
+}
+
+fn train(method: Method, args: &TrainArgs) -> anyhow::Result<()> {
+    let cfg = resolve(method, args)?;
+    let summary = leash::train::trainer::train(&cfg)?;
+    eprintln!(
+        "done: {} steps, final loss {}; model and metrics.jsonl in {}",
+        summary.steps,
+        summary
+            .final_loss
+            .map_or("n/a".to_string(), |l| format!("{l:.4}")),
+        summary.output_dir.display()
+    );
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Sft(a) => train(Method::Sft, &a)?,
+        Command::Dpo(a) => train(Method::Dpo, &a)?,
+        Command::Kto(a) => train(Method::Kto, &a)?,
+        Command::Orpo(a) => train(Method::Orpo, &a)?,
         Command::Logps {
             model,
             dataset,

@@ -93,7 +93,7 @@ fn score_chunk(
             &refs,
             tokenizer.pad_id,
             model.config.sliding_window,
-            false,
+            &[],
             &Device::Cpu,
         )?;
         score(model, &batch)?.seq_logps.to_vec1()?

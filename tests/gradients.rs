@@ -34,14 +34,7 @@ fn objective(model: &Decoder) -> Tensor {
         ids: vec![1, 4, 4, 8],
         loss_start: 1,
     };
-    let batch = collate(
-        &[&a, &b],
-        0,
-        model.config.sliding_window,
-        false,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let batch = collate(&[&a, &b], 0, model.config.sliding_window, &[], &Device::Cpu).unwrap();
     let lp = score(model, &batch).unwrap().seq_logps;
     let w = Tensor::new(&[1.0f64, -0.7], &Device::Cpu).unwrap();
     (lp * w).unwrap().sum_all().unwrap()

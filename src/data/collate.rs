@@ -28,7 +28,7 @@ pub fn collate(
     seqs: &[&Sequence],
     pad_id: u32,
     sliding_window: Option<usize>,
-    score_prompt: bool,
+    score_prompt: &[bool],
     device: &Device,
 ) -> candle_core::Result<Collated> {
     let b = seqs.len();
@@ -42,7 +42,11 @@ pub fn collate(
     for (row, s) in seqs.iter().enumerate() {
         ids[row * t..row * t + s.ids.len()].copy_from_slice(&s.ids);
         positions.extend(0..t as u32);
-        let first = if score_prompt { 1 } else { s.loss_start.max(1) };
+        let first = if score_prompt.get(row).copied().unwrap_or(false) {
+            1
+        } else {
+            s.loss_start.max(1)
+        };
         for p in first..s.ids.len() {
             score_rows.push((row * t + p - 1) as u32);
             targets.push(s.ids[p]);

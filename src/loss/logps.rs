@@ -15,6 +15,8 @@ use crate::model::Decoder;
 
 /// Log-probs of one collated batch.
 pub struct Scored {
+    /// (b, t, c) final hidden states.
+    pub hidden: Tensor,
     /// (n, v) logits of the scored positions (kept for metrics; detach before use).
     pub logits: Tensor,
     /// (n,) log π of each scored token.
@@ -46,6 +48,7 @@ pub fn score(model: &Decoder, batch: &Collated) -> Result<Scored> {
         seq_tokens[s as usize] += inc as usize;
     }
     Ok(Scored {
+        hidden,
         logits,
         token_logps,
         seq_logps,

@@ -1,4 +1,8 @@
 //! Losses: sequence log-probs and each preference objective as a pure function.
 
+pub mod dpo;
+pub mod kto;
+pub mod log_sigmoid;
 pub mod logps;
+pub mod orpo;
 pub mod token_logprob;

@@ -102,6 +102,16 @@ impl Decoder {
         Ok((model, vars))
     }
 
+    /// The same weights without gradient tracking (shares storage; sees later updates).
+    pub fn frozen_view(config: &ModelConfig, vars: &[(String, Var)]) -> Result<Decoder> {
+        let map = vars
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        let weights = Weights::new(map, Path::new("<frozen view>").to_path_buf());
+        Decoder::from_weights(config.clone(), &weights)
+    }
+
     /// A frozen copy with the same parameter values as `vars` at this moment.
     pub fn snapshot(config: &ModelConfig, vars: &[(String, Var)]) -> Result<Decoder> {
         let mut map = HashMap::new();

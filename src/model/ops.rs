@@ -145,8 +145,11 @@ pub fn causal_mask(
     for (row, &len) in lengths.iter().enumerate() {
         for i in 0..t {
             for j in 0..t {
-                let visible =
-                    j <= i && (j < len || j == i) && sliding_window.is_none_or(|w| i - j < w);
+                // Padding queries see the real tokens but not the padding (as transformers'
+                // mask does); a row with no real token sees itself so softmax stays finite.
+                let visible = j <= i
+                    && (j < len || (len == 0 && j == i))
+                    && sliding_window.is_none_or(|w| i - j < w);
                 if !visible {
                     data[(row * t + i) * t + j] = MASKED;
                 }

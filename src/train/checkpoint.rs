@@ -1,0 +1,190 @@
+//! Checkpoints in Hugging Face layout (model.safetensors + config.json + tokenizer files,
+//! loadable by transformers) plus optimizer moments and trainer state for resuming.
+//! Each checkpoint is written to a temporary folder and renamed into place, so a folder named
+//! `checkpoint-N` is always complete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::optimizer::AdamW;
+use crate::error::{read_text, LeashError, Result};
+
+/// Files copied from the source model folder so the checkpoint loads on its own.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Where training stands; enough to continue the same trajectory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub global_step: usize,
+    /// Running count of non-padding training tokens (TRL's num_tokens).
+    pub total_tokens: usize,
+    /// Shuffling is a pure function of (seed, epoch), so the seed is the whole RNG state.
+    pub seed: u64,
+    /// logps/chosen at the first logged step and whether the monitor already warned.
+    pub monitor_start_logps: Option<f64>,
+    pub monitor_warned: bool,
+}
+
+fn io(path: &Path, e: std::io::Error) -> LeashError {
+    LeashError::io(
+        path,
+        e,
+        "check the output folder is writable and the disk has space",
+    )
+}
+
+/// Writes the model's weights, config and tokenizer files into `dir` (created if needed).
+pub fn save_model(dir: &Path, source_model: &Path, vars: &[(String, Var)]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let tensors: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect();
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path).map_err(|e| {
+        LeashError::file(
+            &path,
+            format!("cannot write weights: {e}"),
+            "check disk space",
+        )
+    })?;
+    let config_path = source_model.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&read_text(&config_path)?)
+        .map_err(|e| LeashError::file(&config_path, e.to_string(), "re-save the model"))?;
+    // We save f32 weights whatever the source dtype was.
+    for key in ["torch_dtype", "dtype"] {
+        if config.get(key).is_some() {
+            config[key] = "float32".into();
+        }
+    }
+    let out = dir.join("config.json");
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&config).unwrap_or_default(),
+    )
+    .map_err(|e| io(&out, e))?;
+    for name in TOKENIZER_FILES {
+        let src = source_model.join(name);
+        if src.exists() {
+            std::fs::copy(&src, dir.join(name)).map_err(|e| io(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `output_dir/checkpoint-{step}` atomically and returns its path.
+pub fn save_checkpoint(
+    output_dir: &Path,
+    source_model: &Path,
+    vars: &[(String, Var)],
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<PathBuf> {
+    let final_dir = output_dir.join(format!("checkpoint-{}", state.global_step));
+    let tmp = output_dir.join(format!(".checkpoint-{}.tmp", state.global_step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    save_model(&tmp, source_model, vars)?;
+    let mut moments = HashMap::new();
+    for ((name, var), m) in vars.iter().zip(&opt.moments) {
+        let shape = var.shape();
+        moments.insert(
+            format!("{name}.exp_avg"),
+            Tensor::from_slice(&m.m, shape, &Device::Cpu)?,
+        );
+        moments.insert(
+            format!("{name}.exp_avg_sq"),
+            Tensor::from_slice(&m.v, shape, &Device::Cpu)?,
+        );
+    }
+    let opt_path = tmp.join("optimizer.safetensors");
+    candle_core::safetensors::save(&moments, &opt_path).map_err(|e| {
+        LeashError::file(&opt_path, format!("cannot write: {e}"), "check disk space")
+    })?;
+    let mut state_json = serde_json::to_value(state).unwrap_or_default();
+    state_json["optimizer_step"] = opt.step.into();
+    let state_path = tmp.join("trainer_state.json");
+    std::fs::write(
+        &state_path,
+        serde_json::to_string_pretty(&state_json).unwrap_or_default(),
+    )
+    .map_err(|e| io(&state_path, e))?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+    Ok(final_dir)
+}
+
+/// Restores weights, optimizer moments and trainer state from a checkpoint folder.
+pub fn load_checkpoint(
+    dir: &Path,
+    vars: &[(String, Var)],
+    opt: &mut AdamW,
+) -> Result<TrainerState> {
+    let state_path = dir.join("trainer_state.json");
+    let hint = "pass a checkpoint-N folder written by leash (it holds trainer_state.json)";
+    if !state_path.exists() {
+        return Err(LeashError::file(
+            dir,
+            "not a leash checkpoint: no trainer_state.json",
+            hint,
+        ));
+    }
+    let text = read_text(&state_path)?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| LeashError::file(&state_path, e.to_string(), hint))?;
+    let raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+        .map_err(|e| LeashError::file(dir, format!("cannot read model.safetensors: {e}"), hint))?;
+    let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
+        .map_err(|e| {
+        LeashError::file(dir, format!("cannot read optimizer.safetensors: {e}"), hint)
+    })?;
+    for (i, (name, var)) in vars.iter().enumerate() {
+        let missing = |what: &str| {
+            LeashError::file(
+                dir,
+                format!("checkpoint lacks `{what}`"),
+                "the checkpoint belongs to another model",
+            )
+        };
+        let w = weights.get(name).ok_or_else(|| missing(name))?;
+        if w.dims() != var.dims() {
+            return Err(LeashError::file(
+                dir,
+                format!(
+                    "`{name}` has shape {:?}, the model {:?}",
+                    w.dims(),
+                    var.dims()
+                ),
+                "the checkpoint belongs to another model",
+            ));
+        }
+        var.set(w)?;
+        let m = moments
+            .get(&format!("{name}.exp_avg"))
+            .ok_or_else(|| missing("exp_avg"))?;
+        let v = moments
+            .get(&format!("{name}.exp_avg_sq"))
+            .ok_or_else(|| missing("exp_avg_sq"))?;
+        opt.moments[i].m = m.flatten_all()?.to_vec1()?;
+        opt.moments[i].v = v.flatten_all()?.to_vec1()?;
+    }
+    opt.step = raw
+        .get("optimizer_step")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(state.global_step as u64) as usize;
+    Ok(state)
+}

@@ -1,0 +1,397 @@
+//! Training options under TRL's names. Resolution order: method defaults < `--config run.toml`
+//! (TRL's snake_case keys; unknown keys are an error) < command-line flags (kebab-case).
+//! The resolved [`TrainConfig`] is written to the output folder before the first step.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{read_text, LeashError, Result};
+
+/// The training method (one trainer each, as in TRL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Sft,
+    Dpo,
+    Kto,
+    Orpo,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Sft => "sft",
+            Method::Dpo => "dpo",
+            Method::Kto => "kto",
+            Method::Orpo => "orpo",
+        }
+    }
+}
+
+/// Every option as given by a flag or a TOML key; `None` = not given.
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainArgs {
+    /// TOML file with any of these options under TRL's snake_case names; flags override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Hugging Face checkpoint folder to start from (and, for DPO/IPO/KTO, the frozen reference).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data (JSONL).
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
+    /// Held-out data evaluated every --eval-steps and at the end (metrics prefixed `eval_`).
+    #[arg(long)]
+    pub eval_dataset: Option<PathBuf>,
+    /// Folder for metrics.jsonl, checkpoints and the final model.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Allow writing into an output folder that already holds another run.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub overwrite_output_dir: Option<bool>,
+    /// Continue from a checkpoint-N folder of an earlier run (same trajectory).
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<PathBuf>,
+    /// β: strength of the pull towards the reference (DPO/IPO/KTO) or the odds-ratio weight (ORPO). Default 0.1.
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// DPO loss: sigmoid (DPO), hinge (SLiC), ipo (IPO). Default sigmoid.
+    #[arg(long)]
+    pub loss_type: Option<String>,
+    /// Conservative DPO: assumed probability that a preference label is flipped (sigmoid loss). Default 0.
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Weight of an NLL term on chosen completions added to the DPO loss (RPO; TRL ≥ 1.0 spells it loss_type [sigmoid, sft]). Default 0 (off).
+    #[arg(long)]
+    pub rpo_alpha: Option<f64>,
+    /// Peak learning rate. Defaults: 1e-6 (DPO/KTO/ORPO), 2e-5 (SFT), as TRL.
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Rows (pairs, for preference data) per micro-batch. Default 8.
+    #[arg(long)]
+    pub per_device_train_batch_size: Option<usize>,
+    /// Rows per evaluation batch. Default 8.
+    #[arg(long)]
+    pub per_device_eval_batch_size: Option<usize>,
+    /// Micro-batches per optimizer step. Default 1.
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Stop after this many optimizer steps (overrides --num-train-epochs). Default: off.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Passes over the training data. Default 3.
+    #[arg(long)]
+    pub num_train_epochs: Option<f64>,
+    /// Truncate prompt+completion to this many tokens, keeping the start. Default 1024.
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Clip the global gradient norm to this (0 = off). Default 1.0.
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// constant, linear or cosine (after warm-up). Default linear, as TRL.
+    #[arg(long)]
+    pub lr_scheduler_type: Option<String>,
+    /// Steps of linear warm-up from 0. Default 0.
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Warm-up as a fraction of all steps (used when --warmup-steps is 0). Default 0.
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// AdamW decoupled weight decay (never applied to norms and biases). Default 0.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Default 0.9.
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    /// Default 0.999.
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    /// Default 1e-8.
+    #[arg(long)]
+    pub adam_epsilon: Option<f64>,
+    /// Seed for shuffling. Default 42.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Shuffle rows each epoch (seeded). Default true (false for KTO, as TRL).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub shuffle: Option<bool>,
+    /// Log metrics every N optimizer steps. Default 10.
+    #[arg(long)]
+    pub logging_steps: Option<usize>,
+    /// Evaluate every N steps (needs --eval-dataset). Default: only at the end.
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    /// Save a checkpoint every N steps. Default 500.
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// KTO: loss weight of desirable (thumbs-up) rows. Default 1.
+    #[arg(long)]
+    pub desirable_weight: Option<f64>,
+    /// KTO: loss weight of undesirable (thumbs-down) rows. Default 1.
+    #[arg(long)]
+    pub undesirable_weight: Option<f64>,
+    /// Score the reference once before training and cache it in the output folder, so training
+    /// needs no reference model in memory. Default false.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub precompute_ref_log_probs: Option<bool>,
+}
+
+/// The resolved settings a run uses (written to `output_dir/leash_config.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub method: Method,
+    pub model: PathBuf,
+    pub dataset: PathBuf,
+    pub eval_dataset: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    pub overwrite_output_dir: bool,
+    pub resume_from_checkpoint: Option<PathBuf>,
+    pub beta: f64,
+    pub loss_type: String,
+    pub label_smoothing: f64,
+    pub rpo_alpha: f64,
+    pub learning_rate: f64,
+    pub per_device_train_batch_size: usize,
+    pub per_device_eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub max_steps: Option<usize>,
+    pub num_train_epochs: f64,
+    pub max_length: usize,
+    pub max_grad_norm: f64,
+    pub lr_scheduler_type: String,
+    pub warmup_steps: usize,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub logging_steps: usize,
+    pub eval_steps: Option<usize>,
+    pub save_steps: usize,
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+    pub precompute_ref_log_probs: bool,
+}
+
+fn defaults(method: Method) -> Value {
+    serde_json::json!({
+        "method": method,
+        "eval_dataset": null,
+        "overwrite_output_dir": false,
+        "resume_from_checkpoint": null,
+        "beta": 0.1,
+        "loss_type": "sigmoid",
+        "label_smoothing": 0.0,
+        "rpo_alpha": 0.0,
+        "learning_rate": if method == Method::Sft { 2e-5 } else { 1e-6 },
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "max_steps": null,
+        "num_train_epochs": 3.0,
+        "max_length": 1024,
+        "max_grad_norm": 1.0,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "seed": 42,
+        "shuffle": method != Method::Kto,
+        "logging_steps": 10,
+        "eval_steps": null,
+        "save_steps": 500,
+        "desirable_weight": 1.0,
+        "undesirable_weight": 1.0,
+        "precompute_ref_log_probs": false,
+    })
+}
+
+fn given(args: &TrainArgs) -> Map<String, Value> {
+    match serde_json::to_value(args) {
+        Ok(Value::Object(m)) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
+        _ => Map::new(),
+    }
+}
+
+/// Reads a TOML file of options.
+pub fn read_toml(path: &Path) -> Result<TrainArgs> {
+    let text = read_text(path)?;
+    toml::from_str(&text).map_err(|e| {
+        LeashError::file(
+            path,
+            format!("invalid config: {}", e.message()),
+            "keys are TRL's snake_case option names (e.g. learning_rate, per_device_train_batch_size); see `leash dpo --help`",
+        )
+    })
+}
+
+pub const SCHEDULERS: &[&str] = &["constant", "linear", "cosine"];
+
+/// Merges defaults < TOML < flags and checks every value and combination.
+pub fn resolve(method: Method, flags: &TrainArgs) -> Result<TrainConfig> {
+    let mut merged = match defaults(method) {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    if let Some(path) = &flags.config {
+        merged.extend(given(&read_toml(path)?));
+    }
+    merged.extend(given(flags));
+    for key in ["model", "dataset", "output_dir"] {
+        if !merged.contains_key(key) {
+            return Err(LeashError::usage(
+                format!("missing --{}", key.replace('_', "-")),
+                format!("pass --{} or set {key} in --config", key.replace('_', "-")),
+            ));
+        }
+    }
+    let cfg: TrainConfig = serde_json::from_value(Value::Object(merged)).map_err(|e| {
+        LeashError::usage(format!("invalid option: {e}"), "check the option's type")
+    })?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+fn validate(cfg: &TrainConfig) -> Result<()> {
+    let bad = |msg: String, hint: &str| Err(LeashError::usage(msg, hint));
+    if cfg.beta <= 0.0 || !cfg.beta.is_finite() {
+        return bad(
+            format!("beta must be > 0 (got {})", cfg.beta),
+            "typical values are 0.01–0.5; β → 0 removes the leash entirely",
+        );
+    }
+    if cfg.method == Method::Dpo {
+        crate::loss::dpo::DpoLossType::parse(&cfg.loss_type)?;
+    }
+    if !(0.0..0.5).contains(&cfg.label_smoothing) {
+        return bad(
+            format!(
+                "label_smoothing must be in [0, 0.5) (got {})",
+                cfg.label_smoothing
+            ),
+            "it is the assumed label-flip probability",
+        );
+    }
+    if cfg.learning_rate <= 0.0 {
+        return bad(
+            format!("learning_rate must be > 0 (got {})", cfg.learning_rate),
+            "e.g. --learning-rate 5e-7",
+        );
+    }
+    if cfg.per_device_train_batch_size == 0
+        || cfg.per_device_eval_batch_size == 0
+        || cfg.gradient_accumulation_steps == 0
+    {
+        return bad(
+            "batch sizes and gradient_accumulation_steps must be ≥ 1".into(),
+            "use 1 or more",
+        );
+    }
+    if cfg.method == Method::Kto && cfg.per_device_train_batch_size < 2 {
+        return bad(
+            "KTO needs per_device_train_batch_size ≥ 2".into(),
+            "its KL reference point pairs each prompt with another row's completion in the same batch; use --per-device-train-batch-size 2 or more",
+        );
+    }
+    if cfg.max_length < 2 {
+        return bad(
+            format!("max_length must be ≥ 2 (got {})", cfg.max_length),
+            "e.g. --max-length 512",
+        );
+    }
+    if !SCHEDULERS.contains(&cfg.lr_scheduler_type.as_str()) {
+        return bad(
+            format!("unknown lr_scheduler_type `{}`", cfg.lr_scheduler_type),
+            "valid: constant, linear, cosine",
+        );
+    }
+    if cfg.logging_steps == 0 || cfg.save_steps == 0 || cfg.eval_steps == Some(0) {
+        return bad(
+            "logging_steps, save_steps and eval_steps must be ≥ 1".into(),
+            "use 1 or more",
+        );
+    }
+    if cfg.max_steps.is_none() && cfg.num_train_epochs <= 0.0 {
+        return bad("num_train_epochs must be > 0".into(), "or pass --max-steps");
+    }
+    if !(0.0..1.0).contains(&cfg.warmup_ratio) {
+        return bad(
+            format!("warmup_ratio must be in [0, 1) (got {})", cfg.warmup_ratio),
+            "e.g. 0.1",
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> TrainArgs {
+        TrainArgs {
+            model: Some("m".into()),
+            dataset: Some("d".into()),
+            output_dir: Some("o".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_follow_trl() {
+        let dpo = resolve(Method::Dpo, &args()).unwrap();
+        assert_eq!(
+            (dpo.learning_rate, dpo.beta, dpo.shuffle),
+            (1e-6, 0.1, true)
+        );
+        let sft = resolve(Method::Sft, &args()).unwrap();
+        assert_eq!(sft.learning_rate, 2e-5);
+        assert!(!resolve(Method::Kto, &args()).unwrap().shuffle);
+    }
+
+    #[test]
+    fn flags_override_toml_and_unknown_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "beta = 0.3\nlearning_rate = 1e-4\n").unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        a.beta = Some(0.5);
+        let cfg = resolve(Method::Dpo, &a).unwrap();
+        assert_eq!((cfg.beta, cfg.learning_rate), (0.5, 1e-4));
+        std::fs::write(&path, "betta = 0.3\n").unwrap();
+        let err = resolve(Method::Dpo, &a).unwrap_err().to_string();
+        assert!(err.contains("unknown field `betta`"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_with_the_valid_ones() {
+        let mut a = args();
+        a.beta = Some(0.0);
+        assert!(resolve(Method::Dpo, &a)
+            .unwrap_err()
+            .to_string()
+            .contains("beta must be > 0"));
+        let mut a = args();
+        a.loss_type = Some("nope".into());
+        assert!(resolve(Method::Dpo, &a)
+            .unwrap_err()
+            .to_string()
+            .contains("sigmoid, hinge, ipo"));
+        let mut a = args();
+        a.per_device_train_batch_size = Some(1);
+        assert!(resolve(Method::Kto, &a)
+            .unwrap_err()
+            .to_string()
+            .contains("≥ 2"));
+    }
+}

@@ -1,0 +1,11 @@
+//! Training: options, examples, the loop, optimizer, schedule, checkpoints, metrics.
+
+pub mod checkpoint;
+pub mod config;
+pub mod examples;
+pub mod metrics;
+pub mod optimizer;
+pub mod reference;
+pub mod schedule;
+pub mod step;
+pub mod trainer;
