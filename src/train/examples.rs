@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use super::config::Method;
-use crate::data::encode::{Encoded, Encoder, PromptCompletion, Style};
+use crate::data::encode::{Encoded, Encoder, PromptCompletion, Sequence, Style};
 use crate::data::read::{read_jsonl, Example};
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{LeashError, Result};
@@ -24,6 +24,16 @@ pub enum TrainExample {
         kl: PromptCompletion,
         desirable: bool,
     },
+}
+
+/// The truncated sequence of a kept example. `prepare` drops rows whose prompt fills
+/// `max_length`, so the fallback (a prompt-only sequence with nothing scored) never
+/// contributes a token; it exists so this function cannot panic.
+pub fn to_sequence(pc: &PromptCompletion, max_length: usize) -> Sequence {
+    Sequence::new(pc, Some(max_length)).unwrap_or_else(|| Sequence {
+        ids: pc.prompt[..pc.prompt.len().min(max_length)].to_vec(),
+        loss_start: max_length,
+    })
 }
 
 /// A data set ready for one method.

@@ -8,20 +8,13 @@ use candle_core::Device;
 use serde_json::json;
 
 use super::config::TrainConfig;
-use super::examples::{Prepared, TrainExample};
+use super::examples::{to_sequence, Prepared, TrainExample};
 use super::step::RefLogps;
 use crate::data::collate::collate;
-use crate::data::encode::{PromptCompletion, Sequence};
+use crate::data::encode::Sequence;
 use crate::error::{read_text, LeashError, Result};
 use crate::loss::logps::score;
 use crate::model::Decoder;
-
-fn seq(pc: &PromptCompletion, max_length: usize) -> Sequence {
-    Sequence::new(pc, Some(max_length)).unwrap_or(Sequence {
-        ids: pc.prompt[..max_length].to_vec(),
-        loss_start: max_length,
-    })
-}
 
 /// Reference log-probs of every example, keyed by example position: (chosen, rejected) for
 /// pairs, (completion, mismatched-pair KL completion) for KTO.
@@ -58,12 +51,12 @@ pub fn reference_cache(
         for &i in chunk {
             match &data.examples[i].1 {
                 TrainExample::Pair { chosen, rejected } => {
-                    first.push(seq(chosen, cfg.max_length));
-                    second.push(seq(rejected, cfg.max_length));
+                    first.push(to_sequence(chosen, cfg.max_length));
+                    second.push(to_sequence(rejected, cfg.max_length));
                 }
                 TrainExample::Unpaired { seq: s, kl, .. } => {
-                    first.push(seq(s, cfg.max_length));
-                    second.push(seq(kl, cfg.max_length));
+                    first.push(to_sequence(s, cfg.max_length));
+                    second.push(to_sequence(kl, cfg.max_length));
                 }
                 TrainExample::Sft(_) => {}
             }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor, D};
 
 use super::config::{Method, TrainConfig};
-use super::examples::TrainExample;
+use super::examples::{to_sequence, TrainExample};
 use crate::data::collate::{collate, Collated};
 use crate::data::encode::{PromptCompletion, Sequence};
 use crate::error::Result;
@@ -55,14 +55,7 @@ pub struct StepContext<'a> {
 }
 
 fn sequences(pcs: &[&PromptCompletion], max_length: usize) -> Vec<Sequence> {
-    pcs.iter()
-        .map(|pc| {
-            Sequence::new(pc, Some(max_length)).unwrap_or_else(|| Sequence {
-                ids: pc.prompt[..max_length].to_vec(),
-                loss_start: max_length,
-            })
-        })
-        .collect()
+    pcs.iter().map(|pc| to_sequence(pc, max_length)).collect()
 }
 
 fn batch(ctx: &StepContext, seqs: &[Sequence], score_prompt: &[bool]) -> Result<Collated> {

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, save_model, TrainerState};
 use super::config::{Method, TrainConfig};
-use super::examples::{prepare, Prepared, TrainExample};
+use super::examples::{prepare, to_sequence, Prepared, TrainExample};
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 use super::reference::reference_cache;
@@ -82,8 +82,7 @@ fn sft_token_count(prepared: &Prepared, batches: &[Vec<usize>], max_length: usiz
         .iter()
         .flatten()
         .map(|&i| match &prepared.examples[i].1 {
-            TrainExample::Sft(pc) => crate::data::encode::Sequence::new(pc, Some(max_length))
-                .map_or(0, |s| s.scored_tokens()),
+            TrainExample::Sft(pc) => to_sequence(pc, max_length).scored_tokens(),
             _ => 0,
         })
         .sum::<usize>() as f64
