@@ -32,6 +32,18 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         max_length: usize,
     },
+    /// Measure throughput (tokens/s, GFLOP/s) of the hot paths on a random model.
+    Bench {
+        /// Model shape: bench (the notes' 5.3 M-parameter Llama) or smollm-135m.
+        #[arg(long, default_value = "bench")]
+        shape: String,
+        /// What to time: forward, dpo or all.
+        #[arg(long, default_value = "all")]
+        what: String,
+        /// Timed steps (after one warm-up); the median is reported.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
     /// Supervised fine-tuning with the loss on completion tokens only (TRL SFTTrainer).
     Sft(TrainArgs),
     /// Direct Preference Optimization against a frozen reference (TRL DPOTrainer);
@@ -59,6 +71,18 @@ fn train(method: Method, args: &TrainArgs) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Bench { shape, what, steps } => {
+            leash::bench::run(&shape, &what, steps, |obj| {
+                eprintln!(
+                    "{:<22} {:>8.0} tokens/s  {:>6.1} GFLOP/s  ({} threads)",
+                    obj["bench"].as_str().unwrap_or(""),
+                    obj["tokens_per_s"].as_f64().unwrap_or(0.0),
+                    obj["gflops_per_s"].as_f64().unwrap_or(0.0),
+                    obj["threads"]
+                );
+                println!("{obj}");
+            })?;
+        }
         Command::Sft(a) => train(Method::Sft, &a)?,
         Command::Dpo(a) => train(Method::Dpo, &a)?,
         Command::Kto(a) => train(Method::Kto, &a)?,

@@ -1,0 +1,191 @@
+//! `leash bench`: throughput of the hot paths on a random model of a named shape, timed with
+//! a warm-up step and the median of the timed steps. Prints one JSON object per measurement
+//! (and a human line on stderr). FLOPs: 2·N·tokens per forward over the matmul parameters N
+//! (lm_head included) plus attention 4·t²·d per layer and sequence; a training step is 3×.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use crate::data::collate::collate;
+use crate::data::encode::Sequence;
+use crate::error::Result;
+use crate::loss::dpo::{dpo_loss, DpoLossType, DpoOptions, PairLogps};
+use crate::loss::logps::score;
+use crate::model::weights::{RandomInit, Weights};
+use crate::model::{Decoder, ModelConfig};
+use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
+
+/// The bench config of ../shared/notes/candle-training.md, and a SmolLM-135M-shaped model.
+pub fn shape(name: &str) -> Result<ModelConfig> {
+    let json = match name {
+        "bench" => {
+            r#"{"model_type":"llama","vocab_size":4096,"hidden_size":256,"intermediate_size":688,"num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":4,"tie_word_embeddings":false}"#
+        }
+        "smollm-135m" => {
+            r#"{"model_type":"llama","vocab_size":49152,"hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"tie_word_embeddings":true}"#
+        }
+        other => {
+            return Err(crate::LeashError::usage(
+                format!("unknown bench shape `{other}`"),
+                "valid shapes: bench, smollm-135m",
+            ))
+        }
+    };
+    ModelConfig::from_json_str(json, std::path::Path::new("<bench shape>"))
+}
+
+fn random_model(cfg: &ModelConfig) -> Result<Decoder> {
+    let init = RandomInit {
+        seed: 1,
+        std: 0.02,
+        norm_jitter: 0.0,
+        bias_std: 0.0,
+        dtype: DType::F32,
+    };
+    Decoder::from_weights(cfg.clone(), &Weights::random(init, &Device::Cpu))
+}
+
+fn flops_forward(cfg: &ModelConfig, seqs: usize, t: usize) -> f64 {
+    let tokens = (seqs * t) as f64;
+    let attn = 4.0
+        * (t * t) as f64
+        * (cfg.num_attention_heads * cfg.head_dim) as f64
+        * cfg.num_hidden_layers as f64;
+    2.0 * cfg.matmul_params() as f64 * tokens + attn * seqs as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times `f` once to warm up, then `steps` times; returns the median seconds.
+fn time(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+fn token_sequences(
+    vocab: usize,
+    n: usize,
+    prompt: usize,
+    completion: usize,
+    salt: usize,
+) -> Vec<Sequence> {
+    (0..n)
+        .map(|i| Sequence {
+            ids: (0..prompt + completion)
+                .map(|j| ((i * 7919 + j * 104_729 + salt) % vocab) as u32)
+                .collect(),
+            loss_start: prompt,
+        })
+        .collect()
+}
+
+/// Runs the measurements of `what` (forward, dpo, all) on `shape_name`.
+pub fn run(
+    shape_name: &str,
+    what: &str,
+    steps: usize,
+    mut emit: impl FnMut(serde_json::Value),
+) -> Result<()> {
+    let cfg = shape(shape_name)?;
+    let threads = candle_core::utils::get_num_threads();
+    let base = random_model(&cfg)?;
+    let device = Device::Cpu;
+    let report = |name: &str, secs: f64, tokens: usize, flops: f64| {
+        json!({
+            "bench": name, "shape": shape_name, "threads": threads, "seconds_per_step": secs,
+            "tokens_per_step": tokens, "tokens_per_s": tokens as f64 / secs,
+            "gflops_per_s": flops / secs / 1e9,
+        })
+    };
+    if what == "forward" || what == "all" {
+        // 8 sequences × 256 tokens, every token scored (log-softmax + gather included).
+        let seqs = token_sequences(cfg.vocab_size, 8, 1, 255, 0);
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        let batch = collate(&refs, 0, None, &[], &device)?;
+        let secs = time(steps, || {
+            score(&base, &batch)?.seq_logps.to_vec1::<f32>()?;
+            Ok(())
+        })?;
+        emit(report(
+            "forward+logps",
+            secs,
+            8 * 256,
+            flops_forward(&cfg, 8, 256),
+        ));
+    }
+    if what == "dpo" || what == "all" {
+        // TRL's timed workload: 8 pairs, 128-token prompts, 128-token completions.
+        let (policy, vars) = base.to_trainable()?;
+        let mut opt = AdamW::new(
+            &vars,
+            AdamWSettings {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+        );
+        let mut seqs = token_sequences(cfg.vocab_size, 8, 128, 128, 0);
+        seqs.extend(token_sequences(cfg.vocab_size, 8, 128, 128, 17));
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        let batch = collate(&refs, 0, None, &[], &device)?;
+        let cached = Tensor::zeros(8, DType::F32, &device)?.affine(1.0, -300.0)?;
+        let counts = Tensor::full(128f32, 8, &device)?;
+        for (name, live_reference) in [
+            ("dpo_step(ref cached)", false),
+            ("dpo_step(ref model)", true),
+        ] {
+            let secs = time(steps, || {
+                let (ref_c, ref_r) = if live_reference {
+                    let r = score(&base, &batch)?.seq_logps;
+                    (r.narrow(0, 0, 8)?, r.narrow(0, 8, 8)?)
+                } else {
+                    (cached.clone(), cached.clone())
+                };
+                let s = score(&policy, &batch)?;
+                let out = dpo_loss(
+                    &PairLogps {
+                        chosen: &s.seq_logps.narrow(0, 0, 8)?,
+                        rejected: &s.seq_logps.narrow(0, 8, 8)?,
+                        ref_chosen: &ref_c,
+                        ref_rejected: &ref_r,
+                        chosen_tokens: &counts,
+                        rejected_tokens: &counts,
+                    },
+                    &DpoOptions {
+                        beta: 0.1,
+                        loss_type: DpoLossType::Sigmoid,
+                        label_smoothing: 0.0,
+                    },
+                )?;
+                let store = out.loss.backward()?;
+                let mut grads: Vec<Tensor> = vars
+                    .iter()
+                    .map(|(_, v)| {
+                        store
+                            .get(v)
+                            .cloned()
+                            .map_or_else(|| v.as_tensor().zeros_like(), Ok)
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                clip_grad_norm(&mut grads, 1.0)?;
+                opt.step(&vars, &grads, 1e-6)
+            })?;
+            let fwd = flops_forward(&cfg, 16, 256);
+            let flops = 3.0 * fwd + if live_reference { fwd } else { 0.0 };
+            emit(report(name, secs, 16 * 256, flops));
+        }
+    }
+    Ok(())
+}
