@@ -5,6 +5,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod loss;
+pub mod merge;
 pub mod model;
 pub mod scoring;
 pub mod train;

@@ -32,6 +32,18 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         max_length: usize,
     },
+    /// Fold a LoRA adapter into its base model and write a plain Hugging Face checkpoint.
+    Merge {
+        /// Base model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT/leash adapter folder (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged checkpoint.
+        #[arg(long)]
+        output_dir: PathBuf,
+    },
     /// Measure throughput (tokens/s, GFLOP/s) of the hot paths on a random model.
     Bench {
         /// Model shape: bench (the notes' 5.3 M-parameter Llama) or smollm-135m.
@@ -71,6 +83,14 @@ fn train(method: Method, args: &TrainArgs) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Merge {
+            model,
+            adapter,
+            output_dir,
+        } => {
+            leash::merge::merge(&model, &adapter, &output_dir)?;
+            eprintln!("merged checkpoint written to {}", output_dir.display());
+        }
         Command::Bench { shape, what, steps } => {
             leash::bench::run(&shape, &what, steps, |obj| {
                 eprintln!(

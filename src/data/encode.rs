@@ -286,3 +286,29 @@ mod tests {
         assert_eq!(Sequence::new(&pc, None).unwrap().ids.len(), 7);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Truncation keeps the start, never exceeds max_length, scores exactly the completion
+        /// tokens that survive, and drops a row only when its prompt fills max_length.
+        #[test]
+        fn truncation_invariants(prompt in proptest::collection::vec(0u32..50, 1..20),
+                                 completion in proptest::collection::vec(0u32..50, 1..20),
+                                 max in 2usize..40) {
+            let pc = PromptCompletion { prompt: prompt.clone(), completion: completion.clone() };
+            match Sequence::new(&pc, Some(max)) {
+                None => prop_assert!(prompt.len() >= max),
+                Some(s) => {
+                    prop_assert!(s.ids.len() <= max);
+                    let full: Vec<u32> = prompt.iter().chain(&completion).copied().collect();
+                    prop_assert_eq!(&s.ids[..], &full[..s.ids.len()]);
+                    prop_assert_eq!(s.scored_tokens(), completion.len().min(max - prompt.len()));
+                }
+            }
+        }
+    }
+}

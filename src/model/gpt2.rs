@@ -51,10 +51,11 @@ impl Gpt2 {
             })
         };
         let conv = |name: &str, inp: usize, out: usize| -> Result<Linear> {
-            Ok(Linear::conv1d(
+            let linear = Linear::conv1d(
                 p.get(&format!("{prefix}{name}.weight"), &[inp, out])?,
                 Some(p.get(&format!("{prefix}{name}.bias"), &[out])?),
-            ))
+            );
+            Ok(p.linear_module(&format!("{prefix}{name}"), linear, inp, out))
         };
         let wte = p.get(&format!("{prefix}wte.weight"), &[cfg.vocab_size, c])?;
         let wpe = p.get(

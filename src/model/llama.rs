@@ -41,7 +41,7 @@ fn linear(p: &ParamLoader, name: &str, out: usize, inp: usize, bias: bool) -> Re
     } else {
         None
     };
-    Ok(Linear::new(w, b))
+    Ok(p.linear_module(name, Linear::new(w, b), inp, out))
 }
 
 impl Llama {

@@ -4,6 +4,7 @@ pub mod config;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
+pub mod lora;
 pub mod ops;
 pub mod params;
 pub mod weights;
@@ -40,6 +41,8 @@ pub struct Decoder {
     arch: Arch,
     /// Parameters in checkpoint order under their Hugging Face names (tied lm_head excluded).
     params: Vec<(String, Tensor)>,
+    /// Every linear module (path, sizes): what LoRA can target.
+    modules: Vec<lora::LinearModule>,
 }
 
 impl Decoder {
@@ -51,16 +54,35 @@ impl Decoder {
     }
 
     pub fn from_weights(config: ModelConfig, weights: &Weights) -> Result<Self> {
-        let loader = ParamLoader::new(weights);
+        Self::build(config, ParamLoader::new(weights))
+    }
+
+    fn build(config: ModelConfig, loader: ParamLoader) -> Result<Self> {
         let arch = match config.family {
             Family::Llama => Arch::Llama(llama::Llama::load(&config, &loader)?),
             Family::Gpt2 => Arch::Gpt2(gpt2::Gpt2::load(&config, &loader)?),
         };
+        let (params, modules) = loader.into_parts();
         Ok(Decoder {
             config,
             arch,
-            params: loader.into_params(),
+            params,
+            modules,
         })
+    }
+
+    /// This model's weights (shared, not copied) with LoRA adapters attached.
+    pub fn with_adapters(&self, adapters: &lora::Adapters) -> Result<Decoder> {
+        let map = self.params.iter().cloned().collect();
+        let weights = Weights::new(map, Path::new("<base + adapters>").to_path_buf());
+        Self::build(
+            self.config.clone(),
+            ParamLoader::with_adapters(&weights, adapters),
+        )
+    }
+
+    pub fn linear_modules(&self) -> &[lora::LinearModule] {
+        &self.modules
     }
 
     /// Final-normed hidden states (b, t, c).

@@ -5,6 +5,8 @@ use std::cell::RefCell;
 
 use candle_core::Tensor;
 
+use super::linear::Linear;
+use super::lora::{Adapters, LinearModule};
 use super::weights::Weights;
 use crate::error::Result;
 
@@ -12,6 +14,8 @@ use crate::error::Result;
 pub struct ParamLoader<'a> {
     weights: &'a Weights,
     taken: RefCell<Vec<(String, Tensor)>>,
+    adapters: Option<&'a Adapters>,
+    modules: RefCell<Vec<LinearModule>>,
 }
 
 impl<'a> ParamLoader<'a> {
@@ -19,7 +23,28 @@ impl<'a> ParamLoader<'a> {
         ParamLoader {
             weights,
             taken: RefCell::new(Vec::new()),
+            adapters: None,
+            modules: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Attaches LoRA adapters to the linear modules they name.
+    pub fn with_adapters(weights: &'a Weights, adapters: &'a Adapters) -> Self {
+        ParamLoader {
+            adapters: Some(adapters),
+            ..ParamLoader::new(weights)
+        }
+    }
+
+    /// Records a linear module (for LoRA targeting) and attaches its adapter, if any.
+    pub fn linear_module(&self, path: &str, mut linear: Linear, inp: usize, out: usize) -> Linear {
+        self.modules.borrow_mut().push(LinearModule {
+            path: path.to_string(),
+            inp,
+            out,
+        });
+        linear.lora = self.adapters.and_then(|a| a.get(path).cloned());
+        linear
     }
 
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -32,7 +57,7 @@ impl<'a> ParamLoader<'a> {
         self.weights.contains(name)
     }
 
-    pub fn into_params(self) -> Vec<(String, Tensor)> {
-        self.taken.into_inner()
+    pub fn into_parts(self) -> (Vec<(String, Tensor)>, Vec<LinearModule>) {
+        (self.taken.into_inner(), self.modules.into_inner())
     }
 }

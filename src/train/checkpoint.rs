@@ -85,7 +85,7 @@ pub fn save_model(dir: &Path, source_model: &Path, vars: &[(String, Var)]) -> Re
 /// Writes `output_dir/checkpoint-{step}` atomically and returns its path.
 pub fn save_checkpoint(
     output_dir: &Path,
-    source_model: &Path,
+    save_weights: &dyn Fn(&Path) -> Result<()>,
     vars: &[(String, Var)],
     opt: &AdamW,
     state: &TrainerState,
@@ -95,7 +95,7 @@ pub fn save_checkpoint(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
-    save_model(&tmp, source_model, vars)?;
+    save_weights(&tmp)?;
     let mut moments = HashMap::new();
     for ((name, var), m) in vars.iter().zip(&opt.moments) {
         let shape = var.shape();
@@ -146,8 +146,14 @@ pub fn load_checkpoint(
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| LeashError::file(&state_path, e.to_string(), hint))?;
     let raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
-        .map_err(|e| LeashError::file(dir, format!("cannot read model.safetensors: {e}"), hint))?;
+    // Full runs save model.safetensors; LoRA runs save the adapter under PEFT's names.
+    let file = if dir.join("adapter_model.safetensors").exists() {
+        "adapter_model.safetensors"
+    } else {
+        "model.safetensors"
+    };
+    let weights = candle_core::safetensors::load(dir.join(file), &Device::Cpu)
+        .map_err(|e| LeashError::file(dir, format!("cannot read {file}: {e}"), hint))?;
     let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
         .map_err(|e| {
         LeashError::file(dir, format!("cannot read optimizer.safetensors: {e}"), hint)

@@ -138,6 +138,26 @@ pub struct TrainArgs {
     /// needs no reference model in memory. Default false.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub precompute_ref_log_probs: Option<bool>,
+    /// Train a LoRA adapter instead of all weights; the frozen base (adapter off) is the reference.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub use_peft: Option<bool>,
+    /// LoRA rank r. Default 16 (TRL).
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA α (the update is scaled by α/r). Default 32 (TRL).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the adapter input while training. Default 0.05 (TRL).
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Comma-separated module names (e.g. q_proj,v_proj) or all-linear. Default: PEFT's per
+    /// architecture (q_proj,v_proj for Llama/Qwen2; c_attn for GPT-2).
+    #[arg(long)]
+    pub lora_target_modules: Option<String>,
+    /// Continue training an existing PEFT/leash adapter; the reference is the model with this
+    /// adapter as it was at the start.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 /// The resolved settings a run uses (written to `output_dir/leash_config.json`).
@@ -178,6 +198,12 @@ pub struct TrainConfig {
     pub desirable_weight: f64,
     pub undesirable_weight: f64,
     pub precompute_ref_log_probs: bool,
+    pub use_peft: bool,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_target_modules: Option<String>,
+    pub adapter: Option<PathBuf>,
 }
 
 fn defaults(method: Method) -> Value {
@@ -213,6 +239,12 @@ fn defaults(method: Method) -> Value {
         "desirable_weight": 1.0,
         "undesirable_weight": 1.0,
         "precompute_ref_log_probs": false,
+        "use_peft": false,
+        "lora_r": 16,
+        "lora_alpha": 32.0,
+        "lora_dropout": 0.05,
+        "lora_target_modules": null,
+        "adapter": null,
     })
 }
 
@@ -323,6 +355,21 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
     }
     if cfg.max_steps.is_none() && cfg.num_train_epochs <= 0.0 {
         return bad("num_train_epochs must be > 0".into(), "or pass --max-steps");
+    }
+    if cfg.use_peft && cfg.lora_r == 0 {
+        return bad("lora_r must be ≥ 1".into(), "typical ranks are 8–64");
+    }
+    if !(0.0..1.0).contains(&cfg.lora_dropout) {
+        return bad(
+            format!("lora_dropout must be in [0, 1) (got {})", cfg.lora_dropout),
+            "e.g. 0.05",
+        );
+    }
+    if cfg.adapter.is_some() && !cfg.use_peft {
+        return bad(
+            "--adapter needs --use-peft".into(),
+            "add --use-peft to continue training the adapter",
+        );
     }
     if !(0.0..1.0).contains(&cfg.warmup_ratio) {
         return bad(

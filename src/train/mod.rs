@@ -5,6 +5,7 @@ pub mod config;
 pub mod examples;
 pub mod metrics;
 pub mod optimizer;
+pub mod policy;
 pub mod reference;
 pub mod schedule;
 pub mod step;

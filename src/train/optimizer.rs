@@ -60,7 +60,12 @@ impl AdamW {
     pub fn step(&mut self, params: &[(String, Var)], grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
         let s = &self.settings;
-        let (b1, b2) = (s.beta1 as f32, s.beta2 as f32);
+        // As torch: 1 − β is formed in double precision, then used as an f32 scalar.
+        let (b2, one_m_b1, one_m_b2) = (
+            s.beta2 as f32,
+            (1.0 - s.beta1) as f32,
+            (1.0 - s.beta2) as f32,
+        );
         let bias1 = 1.0 - s.beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - s.beta2.powi(self.step as i32)).sqrt() as f32;
         let step_size = (lr / bias1) as f32;
@@ -77,8 +82,8 @@ impl AdamW {
             for j in 0..p.len() {
                 p[j] *= decay;
                 // torch: exp_avg.lerp_(grad, 1 − β1); exp_avg_sq.mul_(β2).addcmul_(g, g, 1 − β2)
-                mo.m[j] += (1.0 - b1) * (g[j] - mo.m[j]);
-                mo.v[j] = mo.v[j] * b2 + (1.0 - b2) * g[j] * g[j];
+                mo.m[j] += one_m_b1 * (g[j] - mo.m[j]);
+                mo.v[j] = mo.v[j] * b2 + one_m_b2 * g[j] * g[j];
                 let denom = mo.v[j].sqrt() / bias2_sqrt + eps;
                 p[j] -= step_size * mo.m[j] / denom;
             }

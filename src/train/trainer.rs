@@ -11,11 +11,12 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{Map, Value};
 
-use super::checkpoint::{load_checkpoint, save_checkpoint, save_model, TrainerState};
+use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
 use super::config::{Method, TrainConfig};
 use super::examples::{prepare, to_sequence, Prepared, TrainExample};
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
+use super::policy::{build_policy, save_weights, Policy};
 use super::reference::reference_cache;
 use super::schedule::{lr_factor, warmup_steps};
 use super::step::{micro_batch, RefLogps, Reference, StepContext};
@@ -113,33 +114,53 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     )
     .map_err(|e| LeashError::io(&config_path, e, "check the output folder is writable"))?;
 
-    let (policy, vars) = base.to_trainable()?;
-    let frozen = Decoder::frozen_view(&policy.config, &vars)?;
+    let total_params = base.num_parameters();
+    let built = build_policy(cfg, base, &device)?;
+    let trainable = built.trainable_parameters();
+    let all = total_params
+        + if built.adapter_config.is_some() {
+            trainable
+        } else {
+            0
+        };
     eprintln!(
-        "{}: {} trainable parameters of {} ({:.1}%); {} training examples",
+        "trainable params: {trainable} || all params: {all} || trainable%: {:.4}; {} training examples ({})",
+        100.0 * trainable as f64 / all as f64,
+        train_data.examples.len(),
         cfg.method.name(),
-        policy.num_parameters(),
-        base.num_parameters(),
-        100.0,
-        train_data.examples.len()
     );
+    let Policy {
+        model: policy,
+        frozen,
+        vars,
+        reference: reference_model,
+        adapter_config,
+    } = built;
     let needs_reference = matches!(cfg.method, Method::Dpo | Method::Kto);
     let caches: Option<(RefCache, RefCache)> = if needs_reference && cfg.precompute_ref_log_probs {
-        let train_cache = reference_cache(cfg, &base, &train_data, "train", tokenizer.pad_id)?;
+        let train_cache = reference_cache(
+            cfg,
+            &reference_model,
+            &train_data,
+            "train",
+            tokenizer.pad_id,
+        )?;
         let eval_cache = match &eval_data {
-            Some(d) => reference_cache(cfg, &base, d, "eval", tokenizer.pad_id)?,
+            Some(d) => reference_cache(cfg, &reference_model, d, "eval", tokenizer.pad_id)?,
             None => HashMap::new(),
         };
         Some((train_cache, eval_cache))
     } else {
         None
     };
-    // With a cache (or no reference at all) the base model's memory is released here.
+    // With a cache (or no reference at all) a full run releases the reference copy here.
     let base = if needs_reference && caches.is_none() {
-        Some(base)
+        Some(reference_model)
     } else {
         None
     };
+    let save =
+        |dir: &std::path::Path| save_weights(dir, &cfg.model, &vars, adapter_config.as_ref());
     let reference = |eval: bool| match (&caches, &base) {
         (Some((t, e)), _) => Reference::Cached(if eval { e } else { t }),
         (None, Some(b)) => Reference::Model(b),
@@ -290,7 +311,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         }
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);
         if state.global_step.is_multiple_of(cfg.save_steps) || done || interrupted {
-            let dir = save_checkpoint(&cfg.output_dir, &cfg.model, &vars, &opt, &state)?;
+            let dir = save_checkpoint(&cfg.output_dir, &save, &vars, &opt, &state)?;
             bar.set_message(format!("saved {}", dir.display()));
         }
         if interrupted {
@@ -310,7 +331,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         }
     }
     bar.finish_and_clear();
-    save_model(&cfg.output_dir, &cfg.model, &vars)?;
+    save(&cfg.output_dir)?;
     Ok(TrainSummary {
         steps: state.global_step,
         final_loss: last_loss,

@@ -1,0 +1,176 @@
+//! LoRA: only the adapter trains, the base's bytes stay identical, adapter-off equals the
+//! base, merged equals base+adapter, adapters round-trip in PEFT layout, and a LoRA DPO run's
+//! reference is the base model.
+
+mod common;
+use common::{fixture, leash};
+use leash::train::config::{resolve, Method, TrainArgs};
+use serde_json::Value;
+use std::path::Path;
+
+/// The issue's bound: W + (α/r)BA rounds differently from xWᵀ + (α/r)(xAᵀ)Bᵀ in f32 (observed 3.8e-6).
+const MERGE_TOL: f64 = 1e-5;
+
+fn lora_args(out: &Path, method_data: &str) -> TrainArgs {
+    TrainArgs {
+        model: Some(fixture("tiny-llama")),
+        dataset: Some(fixture(&format!("tiny-llama/{method_data}"))),
+        output_dir: Some(out.to_path_buf()),
+        max_steps: Some(3),
+        learning_rate: Some(1e-2),
+        max_length: Some(128),
+        logging_steps: Some(1),
+        use_peft: Some(true),
+        lora_r: Some(4),
+        lora_alpha: Some(8.0),
+        lora_dropout: Some(0.0),
+        lora_target_modules: Some("all-linear".into()),
+        ..Default::default()
+    }
+}
+
+fn logps(model: &Path) -> Vec<Value> {
+    let out = leash(&[
+        "logps",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        fixture("tiny-llama/pref_test.jsonl").to_str().unwrap(),
+        "--max-length",
+        "128",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn max_diff(a: &[Value], b: &[Value]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            (x["chosen_logp"].as_f64().unwrap() - y["chosen_logp"].as_f64().unwrap()).abs()
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn lora_dpo_trains_only_the_adapter_and_merges_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap();
+    leash::train::trainer::train(
+        &resolve(Method::Dpo, &lora_args(dir.path(), "pref_train.jsonl")).unwrap(),
+    )
+    .unwrap();
+    // The base file is untouched and the run saved an adapter, not a model.
+    assert_eq!(
+        before,
+        std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap()
+    );
+    assert!(dir.path().join("adapter_model.safetensors").exists());
+    assert!(!dir.path().join("model.safetensors").exists());
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["peft_type"].as_str(), cfg["r"].as_u64()),
+        (Some("LORA"), Some(4))
+    );
+    // Step 1: policy = base + zero B = reference, so every reward is exactly 0.
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["rewards/chosen"].as_f64(), Some(0.0));
+    assert_eq!(first["rewards/rejected"].as_f64(), Some(0.0));
+    // Merged checkpoint scores like base + adapter; and the adapter moved the model.
+    let merged = dir.path().join("merged");
+    let out = leash(&[
+        "merge",
+        "--model",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--adapter",
+        dir.path().to_str().unwrap(),
+        "--output-dir",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let base = logps(&fixture("tiny-llama"));
+    let merged_lp = logps(&merged);
+    assert!(
+        max_diff(&base, &merged_lp) > 1e-3,
+        "the adapter did not change the model"
+    );
+    let final_metrics: Vec<Value> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(final_metrics.len(), 3);
+}
+
+#[test]
+fn adapter_round_trip_and_adapter_off_equal_base() {
+    use candle_core::Device;
+    let dir = tempfile::tempdir().unwrap();
+    leash::train::trainer::train(
+        &resolve(Method::Sft, &lora_args(dir.path(), "sft_train.jsonl")).unwrap(),
+    )
+    .unwrap();
+    let (base, tok) = leash::scoring::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
+    let (_, adapters) =
+        leash::model::lora::load_adapter(dir.path(), base.linear_modules(), &Device::Cpu).unwrap();
+    let with = base.with_adapters(&adapters).unwrap();
+    let off = base.with_adapters(&Default::default()).unwrap();
+    let score = |m: &leash::model::Decoder| {
+        let mut v = Vec::new();
+        leash::scoring::score_dataset(
+            m,
+            &tok,
+            &fixture("tiny-llama/pref_test.jsonl"),
+            Some(128),
+            |o| {
+                v.push(o);
+                Ok(())
+            },
+        )
+        .unwrap();
+        v
+    };
+    let (s_base, s_off, s_with) = (score(&base), score(&off), score(&with));
+    assert_eq!(s_base, s_off, "adapter off must equal the base exactly");
+    // Saved adapter reloaded and merged: within MERGE_TOL per sequence of base+adapter.
+    let merged = dir.path().join("merged");
+    leash::merge::merge(&fixture("tiny-llama"), dir.path(), &merged).unwrap();
+    let d = max_diff(&s_with, &logps(&merged));
+    eprintln!("merged vs base+adapter: max |Δ logp| {d:e}");
+    assert!(d < MERGE_TOL, "merged vs base+adapter: {d}");
+    assert!(max_diff(&s_with, &s_base) > 1e-4);
+}
+
+#[test]
+fn unknown_target_module_lists_the_real_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = lora_args(dir.path(), "pref_train.jsonl");
+    a.lora_target_modules = Some("query_key_value".into());
+    let err = leash::train::trainer::train(&resolve(Method::Dpo, &a).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("query_key_value") && err.contains("q_proj") && err.contains("down_proj"),
+        "{err}"
+    );
+    a.lora_r = Some(0);
+    assert!(resolve(Method::Dpo, &a)
+        .unwrap_err()
+        .to_string()
+        .contains("lora_r must be ≥ 1"));
+}
