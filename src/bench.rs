@@ -13,6 +13,7 @@ use crate::data::encode::Sequence;
 use crate::error::Result;
 use crate::loss::dpo::{dpo_loss, DpoLossType, DpoOptions, PairLogps};
 use crate::loss::logps::score;
+use crate::model::lora::{init_adapters, select_targets};
 use crate::model::weights::{RandomInit, Weights};
 use crate::model::{Decoder, ModelConfig};
 use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
@@ -90,7 +91,7 @@ fn token_sequences(
         .collect()
 }
 
-/// Runs the measurements of `what` (forward, dpo, all) on `shape_name`.
+/// Runs the measurements of `what` (forward, dpo, all, dpo-lora) on `shape_name`.
 pub fn run(
     shape_name: &str,
     what: &str,
@@ -127,65 +128,113 @@ pub fn run(
     if what == "dpo" || what == "all" {
         // TRL's timed workload: 8 pairs, 128-token prompts, 128-token completions.
         let (policy, vars) = base.to_trainable()?;
-        let mut opt = AdamW::new(
-            &vars,
-            AdamWSettings {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-            },
-        );
-        let mut seqs = token_sequences(cfg.vocab_size, 8, 128, 128, 0);
-        seqs.extend(token_sequences(cfg.vocab_size, 8, 128, 128, 17));
-        let refs: Vec<&Sequence> = seqs.iter().collect();
-        let batch = collate(&refs, 0, None, &[], &device)?;
-        let cached = Tensor::zeros(8, DType::F32, &device)?.affine(1.0, -300.0)?;
-        let counts = Tensor::full(128f32, 8, &device)?;
-        for (name, live_reference) in [
+        for (name, live) in [
             ("dpo_step(ref cached)", false),
             ("dpo_step(ref model)", true),
         ] {
-            let secs = time(steps, || {
-                let (ref_c, ref_r) = if live_reference {
-                    let r = score(&base, &batch)?.seq_logps;
-                    (r.narrow(0, 0, 8)?, r.narrow(0, 8, 8)?)
-                } else {
-                    (cached.clone(), cached.clone())
-                };
-                let s = score(&policy, &batch)?;
-                let out = dpo_loss(
-                    &PairLogps {
-                        chosen: &s.seq_logps.narrow(0, 0, 8)?,
-                        rejected: &s.seq_logps.narrow(0, 8, 8)?,
-                        ref_chosen: &ref_c,
-                        ref_rejected: &ref_r,
-                        chosen_tokens: &counts,
-                        rejected_tokens: &counts,
-                    },
-                    &DpoOptions {
-                        beta: 0.1,
-                        loss_type: DpoLossType::Sigmoid,
-                        label_smoothing: 0.0,
-                    },
-                )?;
-                let store = out.loss.backward()?;
-                let mut grads: Vec<Tensor> = vars
-                    .iter()
-                    .map(|(_, v)| {
-                        store
-                            .get(v)
-                            .cloned()
-                            .map_or_else(|| v.as_tensor().zeros_like(), Ok)
-                    })
-                    .collect::<candle_core::Result<_>>()?;
-                clip_grad_norm(&mut grads, 1.0)?;
-                opt.step(&vars, &grads, 1e-6)
-            })?;
+            let reference = if live { Some(&base) } else { None };
+            let secs = time_dpo_step(&policy, &vars, reference, &cfg, steps)?;
             let fwd = flops_forward(&cfg, 16, 256);
-            let flops = 3.0 * fwd + if live_reference { fwd } else { 0.0 };
-            emit(report(name, secs, 16 * 256, flops));
+            emit(with_rss(report(
+                name,
+                secs,
+                16 * 256,
+                3.0 * fwd + if live { fwd } else { 0.0 },
+            )));
         }
     }
+    if what == "dpo-lora" {
+        // Same workload with a rank-16 adapter on every linear layer; the reference is the
+        // base model with the adapter off (one copy of the weights in memory).
+        let modules = base.linear_modules().to_vec();
+        let targets = select_targets(&modules, &["all-linear".to_string()])?;
+        let (vars, adapters) = init_adapters(&targets, 16, 32.0, 0.0, 1, &device)?;
+        let policy = base.with_adapters(&adapters)?;
+        let secs = time_dpo_step(&policy, &vars, Some(&base), &cfg, steps)?;
+        let fwd = flops_forward(&cfg, 16, 256);
+        emit(with_rss(report(
+            "dpo_step(lora r16, ref = adapter off)",
+            secs,
+            16 * 256,
+            3.0 * fwd,
+        )));
+    }
     Ok(())
+}
+
+/// Peak resident memory of this process so far (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn with_rss(mut v: serde_json::Value) -> serde_json::Value {
+    v["peak_rss_mib"] = json!(peak_rss_mib());
+    v
+}
+
+/// Median seconds of one DPO step (policy forward+backward, clip, AdamW), with the
+/// reference scored by `reference` each step or taken from a cache when `None`.
+fn time_dpo_step(
+    policy: &Decoder,
+    vars: &[(String, candle_core::Var)],
+    reference: Option<&Decoder>,
+    cfg: &ModelConfig,
+    steps: usize,
+) -> Result<f64> {
+    let device = Device::Cpu;
+    let mut opt = AdamW::new(
+        vars,
+        AdamWSettings {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    );
+    let mut seqs = token_sequences(cfg.vocab_size, 8, 128, 128, 0);
+    seqs.extend(token_sequences(cfg.vocab_size, 8, 128, 128, 17));
+    let refs: Vec<&Sequence> = seqs.iter().collect();
+    let batch = collate(&refs, 0, None, &[], &device)?;
+    let cached = Tensor::zeros(8, DType::F32, &device)?.affine(1.0, -300.0)?;
+    let counts = Tensor::full(128f32, 8, &device)?;
+    time(steps, || {
+        let (ref_c, ref_r) = match reference {
+            Some(r) => {
+                let r = score(r, &batch)?.seq_logps;
+                (r.narrow(0, 0, 8)?, r.narrow(0, 8, 8)?)
+            }
+            None => (cached.clone(), cached.clone()),
+        };
+        let s = score(policy, &batch)?;
+        let out = dpo_loss(
+            &PairLogps {
+                chosen: &s.seq_logps.narrow(0, 0, 8)?,
+                rejected: &s.seq_logps.narrow(0, 8, 8)?,
+                ref_chosen: &ref_c,
+                ref_rejected: &ref_r,
+                chosen_tokens: &counts,
+                rejected_tokens: &counts,
+            },
+            &DpoOptions {
+                beta: 0.1,
+                loss_type: DpoLossType::Sigmoid,
+                label_smoothing: 0.0,
+            },
+        )?;
+        let store = out.loss.backward()?;
+        let mut grads: Vec<Tensor> = vars
+            .iter()
+            .map(|(_, v)| {
+                store
+                    .get(v)
+                    .cloned()
+                    .map_or_else(|| v.as_tensor().zeros_like(), Ok)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        clip_grad_norm(&mut grads, 1.0)?;
+        opt.step(vars, &grads, 1e-6)
+    })
 }

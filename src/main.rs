@@ -49,7 +49,8 @@ enum Command {
         /// Model shape: bench (the notes' 5.3 M-parameter Llama) or smollm-135m.
         #[arg(long, default_value = "bench")]
         shape: String,
-        /// What to time: forward, dpo or all.
+        /// What to time: forward, dpo, all, or dpo-lora (run dpo and dpo-lora as separate
+        /// processes to compare their peak memory).
         #[arg(long, default_value = "all")]
         what: String,
         /// Timed steps (after one warm-up); the median is reported.

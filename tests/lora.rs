@@ -174,3 +174,68 @@ fn unknown_target_module_lists_the_real_ones() {
         .to_string()
         .contains("lora_r must be ≥ 1"));
 }
+
+#[test]
+fn lora_reference_is_the_base_and_reloaded_adapter_scores_identically() {
+    use candle_core::Device;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = lora_args(dir.path(), "pref_train.jsonl");
+    a.precompute_ref_log_probs = Some(true);
+    a.per_device_train_batch_size = Some(16);
+    a.eval_dataset = Some(fixture("tiny-llama/pref_test.jsonl"));
+    a.per_device_eval_batch_size = Some(16);
+    leash::train::trainer::train(&resolve(Method::Dpo, &a).unwrap()).unwrap();
+    // The cached reference (adapter off) equals the base model's log-probs.
+    let cache: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("ref_logps_train.json")).unwrap(),
+    )
+    .unwrap();
+    let out = leash(&[
+        "logps",
+        "--model",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--dataset",
+        fixture("tiny-llama/pref_train.jsonl").to_str().unwrap(),
+        "--max-length",
+        "128",
+    ]);
+    let base: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for e in cache["entries"].as_array().unwrap() {
+        let i = e[0].as_u64().unwrap() as usize;
+        assert!((e[1].as_f64().unwrap() - base[i]["chosen_logp"].as_f64().unwrap()).abs() < 1e-4);
+        assert!((e[2].as_f64().unwrap() - base[i]["rejected_logp"].as_f64().unwrap()).abs() < 1e-4);
+    }
+    // The saved adapter, reloaded, reproduces the in-memory eval log-probs.
+    let eval = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|m| m.get("eval_loss").is_some())
+        .unwrap();
+    let (model, tok) = leash::scoring::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
+    let (_, adapters) =
+        leash::model::lora::load_adapter(dir.path(), model.linear_modules(), &Device::Cpu).unwrap();
+    let with = model.with_adapters(&adapters).unwrap();
+    let mut rows = Vec::new();
+    leash::scoring::score_dataset(
+        &with,
+        &tok,
+        &fixture("tiny-llama/pref_test.jsonl"),
+        Some(128),
+        |o| {
+            rows.push(o);
+            Ok(())
+        },
+    )
+    .unwrap();
+    let mean = rows
+        .iter()
+        .map(|r| r["chosen_logp"].as_f64().unwrap())
+        .sum::<f64>()
+        / rows.len() as f64;
+    assert!((mean - eval["eval_logps/chosen"].as_f64().unwrap()).abs() < 1e-4);
+}

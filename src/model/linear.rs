@@ -72,7 +72,8 @@ impl Module for Linear {
                 x2
             };
             let low = xin.matmul(&ad.a.t()?)?; // (rows, r)
-            y = (y + (low.matmul(&ad.b.t()?)? * ad.scale)?)?;
+                                               // Scale the small (r, out) factor, not the (rows, out) activation.
+            y = (y + low.matmul(&(ad.b.t()? * ad.scale)?)?)?;
         }
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
