@@ -143,6 +143,28 @@ pub fn run(
             )));
         }
     }
+    if what == "generate" || what == "all" {
+        // 4 samples of 128 new tokens after a 32-token prompt, with and without the KV cache.
+        use crate::eval::generate::{generate, SamplingOptions};
+        use rand::SeedableRng;
+        let prompt: Vec<u32> = (0..32)
+            .map(|j| (j * 104_729 % cfg.vocab_size) as u32)
+            .collect();
+        let opt = SamplingOptions {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 128,
+        };
+        for (name, cached) in [("generate(kv cache)", true), ("generate(recompute)", false)] {
+            let secs = time(steps.min(2), || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+                generate(&base, &prompt, 4, &opt, &[], &mut rng, cached)?;
+                Ok(())
+            })?;
+            emit(report(name, secs, 4 * 128, 0.0));
+        }
+    }
     if what == "dpo-lora" {
         // Same workload with a rank-16 adapter on every linear layer; the reference is the
         // base model with the adapter off (one copy of the weights in memory).

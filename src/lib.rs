@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod loss;
 pub mod merge;
 pub mod model;

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use leash::eval::evaluate::{eval_command, generate_command, EvalArgs, GenerateArgs};
+use leash::eval::generate::SamplingOptions;
+use leash::eval::judge::Judge;
 use leash::train::config::{resolve, Method, TrainArgs};
 
 #[derive(Parser)]
@@ -32,6 +35,60 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         max_length: usize,
     },
+    /// Sample completions for prompts (JSONL `prompt` strings or conversations).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// LoRA adapter to apply (PEFT layout).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// JSONL with a `prompt` per row.
+        #[arg(long)]
+        prompts: PathBuf,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Completions per prompt.
+        #[arg(long, default_value_t = 1)]
+        num_return_sequences: usize,
+    },
+    /// Evaluate a policy against its reference on held-out data: reward accuracy on pairs,
+    /// KL(π‖π_ref) on samples, lengths, judge scores and win rate. Writes report.json.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The reference model folder (usually the model training started from).
+        #[arg(long)]
+        reference: PathBuf,
+        /// Held-out JSONL (preference pairs or prompts).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// β for implicit rewards on pairs.
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        #[arg(long, default_value_t = 1024)]
+        max_length: usize,
+        /// Samples per prompt for each of policy and reference.
+        #[arg(long, default_value_t = 4)]
+        num_samples: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Built-in judge: arithmetic, correct, polite, length.
+        #[arg(long, default_value = "arithmetic")]
+        judge: String,
+        /// External judge: reads JSONL {prompt, completion} on stdin, prints one score per line.
+        #[arg(long)]
+        judge_cmd: Option<String>,
+        /// With --judge-cmd: the command gets {prompt, completion_a, completion_b} and prints a, b or tie.
+        #[arg(long)]
+        pairwise: bool,
+        /// Seconds before a judge command is considered hung.
+        #[arg(long, default_value_t = 300)]
+        judge_timeout: u64,
+        #[arg(long)]
+        output_dir: PathBuf,
+    },
     /// Fold a LoRA adapter into its base model and write a plain Hugging Face checkpoint.
     Merge {
         /// Base model folder.
@@ -49,7 +106,7 @@ enum Command {
         /// Model shape: bench (the notes' 5.3 M-parameter Llama) or smollm-135m.
         #[arg(long, default_value = "bench")]
         shape: String,
-        /// What to time: forward, dpo, all, or dpo-lora (run dpo and dpo-lora as separate
+        /// What to time: forward, dpo, generate, all, or dpo-lora (run dpo and dpo-lora as separate
         /// processes to compare their peak memory).
         #[arg(long, default_value = "all")]
         what: String,
@@ -68,6 +125,33 @@ enum Command {
     Orpo(TrainArgs),
 }
 
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn options(&self) -> SamplingOptions {
+        SamplingOptions {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+        }
+    }
+}
+
 fn train(method: Method, args: &TrainArgs) -> anyhow::Result<()> {
     let cfg = resolve(method, args)?;
     let summary = leash::train::trainer::train(&cfg)?;
@@ -84,6 +168,83 @@ fn train(method: Method, args: &TrainArgs) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Generate {
+            model,
+            adapter,
+            prompts,
+            sampling,
+            num_return_sequences,
+        } => {
+            let args = GenerateArgs {
+                model: &model,
+                adapter: adapter.as_deref(),
+                prompts: &prompts,
+                sampling: sampling.options(),
+                num_return_sequences,
+                seed: sampling.seed,
+            };
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            generate_command(&args, |obj| {
+                writeln!(out, "{obj}").map_err(|e| {
+                    leash::LeashError::io(
+                        std::path::Path::new("<stdout>"),
+                        e,
+                        "is the output pipe closed?",
+                    )
+                })
+            })?;
+        }
+        Command::Eval {
+            model,
+            adapter,
+            reference,
+            dataset,
+            beta,
+            max_length,
+            num_samples,
+            sampling,
+            judge,
+            judge_cmd,
+            pairwise,
+            judge_timeout,
+            output_dir,
+        } => {
+            let judge = match judge_cmd {
+                Some(cmd) => Judge::Command {
+                    cmd,
+                    timeout: std::time::Duration::from_secs(judge_timeout),
+                },
+                None => {
+                    if !leash::eval::judge::BUILTIN_JUDGES.contains(&judge.as_str()) {
+                        anyhow::bail!(leash::LeashError::usage(
+                            format!("unknown judge `{judge}`"),
+                            format!(
+                                "built-in judges: {}; or pass --judge-cmd",
+                                leash::eval::judge::BUILTIN_JUDGES.join(", ")
+                            )
+                        ));
+                    }
+                    Judge::Builtin(judge)
+                }
+            };
+            let args = EvalArgs {
+                model: &model,
+                adapter: adapter.as_deref(),
+                reference: &reference,
+                dataset: &dataset,
+                beta,
+                max_length,
+                num_samples,
+                sampling: sampling.options(),
+                seed: sampling.seed,
+                judge,
+                pairwise,
+                output_dir,
+            };
+            let report = eval_command(&args)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
         Command::Merge {
             model,
             adapter,
@@ -141,6 +302,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`leash logps ... | head`) is the reader's choice, not an error.
+        Err(e) if format!("{e}").contains("Broken pipe") => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

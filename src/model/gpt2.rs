@@ -7,6 +7,7 @@
 
 use candle_core::{Module, Tensor, D};
 
+use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::linear::Linear;
 use super::ops::{attention, layer_norm};
@@ -82,8 +83,12 @@ impl Gpt2 {
         })
     }
 
-    /// Final-normed hidden states (b, t, c).
-    pub fn forward_hidden(&self, input: &ForwardInput) -> Result<Tensor> {
+    /// Final-normed hidden states (b, t, c); see [`super::llama::Llama::forward_hidden`] for the cache.
+    pub fn forward_hidden(
+        &self,
+        input: &ForwardInput,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = input.ids.dims2()?;
         let cfg = &self.cfg;
         let (h, d, c) = (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size);
@@ -102,7 +107,7 @@ impl Gpt2 {
         let tok = self.wte.index_select(&input.ids.flatten_all()?, 0)?;
         let pos = self.wpe.index_select(&positions, 0)?;
         let mut x = (tok + pos)?.reshape((b, t, c))?; // (b, t, c)
-        for blk in &self.blocks {
+        for (l, blk) in self.blocks.iter().enumerate() {
             let a = layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
             let qkv = blk.c_attn.forward(&a)?; // (b, t, 3c)
             let split = |k: usize| -> candle_core::Result<Tensor> {
@@ -110,7 +115,11 @@ impl Gpt2 {
                     .reshape((b, t, h, d))?
                     .transpose(1, 2) // (b, h, t, d)
             };
-            let y = attention(&split(0)?, &split(1)?, &split(2)?, &input.mask)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(l, &split(1)?, &split(2)?)?,
+                None => (split(1)?, split(2)?),
+            };
+            let y = attention(&split(0)?, &k, &v, &input.mask)?;
             let y = y.transpose(1, 2)?.reshape((b, t, c))?;
             x = (x + blk.c_proj.forward(&y)?)?;
             let m = layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;

@@ -6,6 +6,7 @@
 
 use candle_core::{Module, Tensor};
 
+use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::linear::Linear;
 use super::ops::{apply_rope, attention, rms_norm, rope_inv_freq, rope_tables};
@@ -83,8 +84,13 @@ impl Llama {
         })
     }
 
-    /// Final-normed hidden states (b, t, c).
-    pub fn forward_hidden(&self, input: &ForwardInput) -> Result<Tensor> {
+    /// Final-normed hidden states (b, t, c). With a cache, `input` holds only the new
+    /// positions and its mask spans (cached + new) keys.
+    pub fn forward_hidden(
+        &self,
+        input: &ForwardInput,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = input.ids.dims2()?;
         let cfg = &self.cfg;
         let (hq, hkv, d) = (
@@ -100,7 +106,7 @@ impl Llama {
             .embed
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?; // (b, t, c)
-        for layer in &self.layers {
+        for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, cfg.norm_eps)?;
             let heads = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
                 lin.forward(&h)?.reshape((b, t, n, d))?.transpose(1, 2) // (b, n, t, d)
@@ -108,6 +114,10 @@ impl Llama {
             let q = apply_rope(&heads(&layer.q, hq)?, &cos, &sin)?;
             let k = apply_rope(&heads(&layer.k, hkv)?, &cos, &sin)?;
             let v = heads(&layer.v, hkv)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(l, &k, &v)?, // (b, hkv, s, d)
+                None => (k, v),
+            };
             let y = attention(&q, &k, &v, &input.mask)?; // (b, hq, t, d)
             let y = y.transpose(1, 2)?.reshape((b, t, hq * d))?;
             x = (x + layer.o.forward(&y)?)?;

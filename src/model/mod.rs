@@ -1,5 +1,6 @@
 //! Causal language models: config, weights, the decoder families, and a loaded checkpoint.
 
+pub mod cache;
 pub mod config;
 pub mod gpt2;
 pub mod linear;
@@ -87,9 +88,18 @@ impl Decoder {
 
     /// Final-normed hidden states (b, t, c).
     pub fn forward_hidden(&self, input: &ForwardInput) -> Result<Tensor> {
+        self.forward_cached(input, None)
+    }
+
+    /// As [`Decoder::forward_hidden`], appending this step's keys/values to `cache`.
+    pub fn forward_cached(
+        &self,
+        input: &ForwardInput,
+        cache: Option<&mut cache::KvCache>,
+    ) -> Result<Tensor> {
         match &self.arch {
-            Arch::Llama(m) => m.forward_hidden(input),
-            Arch::Gpt2(m) => m.forward_hidden(input),
+            Arch::Llama(m) => m.forward_hidden(input, cache),
+            Arch::Gpt2(m) => m.forward_hidden(input, cache),
         }
     }
 

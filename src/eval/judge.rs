@@ -1,0 +1,338 @@
+//! Judges that score completions: an external command (any scorer in any language: JSONL
+//! `{prompt, completion}` on stdin, one number per line on stdout), a pairwise command (JSONL
+//! `{prompt, completion_a, completion_b}` in, `a` / `b` / `tie` out), and built-in rule judges
+//! for the synthetic arithmetic task (polite + correct answers preferred).
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::error::{LeashError, Result};
+
+pub const BUILTIN_JUDGES: &[&str] = &["arithmetic", "correct", "polite", "length"];
+
+pub enum Judge {
+    Builtin(String),
+    Command { cmd: String, timeout: Duration },
+}
+
+/// One prompt/completion to score.
+pub struct Item<'a> {
+    pub prompt: &'a str,
+    pub completion: &'a str,
+}
+
+const POLITE: &[&str] = &[
+    "sure",
+    "happy to help",
+    "good question",
+    "of course",
+    "glad",
+    "please",
+    "thanks",
+    "anything else",
+];
+const RUDE: &[&str] = &[
+    "obviously",
+    "stupid",
+    "whatever",
+    "figure it out",
+    "duh",
+    "lazy",
+    "ugh",
+];
+
+/// The expected answer of "… a op b …" in the prompt, if there is one.
+pub fn arithmetic_answer(prompt: &str) -> Option<i64> {
+    let tokens: Vec<&str> = prompt.split_whitespace().collect();
+    tokens.windows(3).find_map(|w| {
+        let clean = |s: &str| {
+            s.trim_matches(|c: char| !c.is_ascii_digit() && c != '-')
+                .parse::<i64>()
+                .ok()
+        };
+        let (a, b) = (clean(w[0])?, clean(w[2])?);
+        match w[1] {
+            "+" => Some(a + b),
+            "-" => Some(a - b),
+            "*" | "x" | "×" => Some(a * b),
+            _ => None,
+        }
+    })
+}
+
+fn numbers(text: &str) -> Vec<i64> {
+    text.split(|c: char| !(c.is_ascii_digit() || c == '-'))
+        .filter_map(|s| s.trim_end_matches('-').parse::<i64>().ok())
+        .collect()
+}
+
+/// Built-in rule scores. `correct`: 1 if the completion's last number is the right answer;
+/// `polite`: +1 for a polite phrase, −1 for a rude one; `length`: −words/10;
+/// `arithmetic`: correct + polite (the demo's judge).
+pub fn builtin_score(name: &str, item: &Item) -> Result<f64> {
+    let lower = item.completion.to_lowercase();
+    let correct = || match (
+        arithmetic_answer(item.prompt),
+        numbers(item.completion).last(),
+    ) {
+        (Some(ans), Some(&got)) => (ans == got) as u8 as f64,
+        _ => 0.0,
+    };
+    let polite = || {
+        let p = POLITE.iter().any(|w| lower.contains(w)) as u8 as f64;
+        let r = RUDE.iter().any(|w| lower.contains(w)) as u8 as f64;
+        p - r
+    };
+    match name {
+        "correct" => Ok(correct()),
+        "polite" => Ok(polite()),
+        "length" => Ok(-(item.completion.split_whitespace().count() as f64) / 10.0),
+        "arithmetic" => Ok(correct() + polite()),
+        other => Err(LeashError::usage(
+            format!("unknown judge `{other}`"),
+            format!(
+                "built-in judges: {}; or pass --judge-cmd",
+                BUILTIN_JUDGES.join(", ")
+            ),
+        )),
+    }
+}
+
+/// Runs `sh -c cmd` with `input` on stdin; returns stdout lines. Errors name the command.
+fn run_command(cmd: &str, input: String, timeout: Duration) -> Result<Vec<String>> {
+    let fail = |msg: String| {
+        LeashError::usage(
+            format!("judge command `{cmd}` {msg}"),
+            "run the command by hand on the same JSONL input to see what it does",
+        )
+    };
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("could not start: {e}")))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| fail("has no stdin".into()))?;
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| fail("has no stdout".into()))?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| fail(format!("wait failed: {e}")))?
+        {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail(format!(
+                "did not finish within {} s (timeout)",
+                timeout.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = writer.join();
+    let out = reader.join().unwrap_or_default();
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        return Err(fail(format!("failed ({status}): {}", err.trim())));
+    }
+    Ok(out.lines().map(str::to_string).collect())
+}
+
+impl Judge {
+    /// One score per item.
+    pub fn score(&self, items: &[Item]) -> Result<Vec<f64>> {
+        match self {
+            Judge::Builtin(name) => items.iter().map(|it| builtin_score(name, it)).collect(),
+            Judge::Command { cmd, timeout } => {
+                let input: String = items
+                    .iter()
+                    .map(|it| {
+                        format!(
+                            "{}\n",
+                            json!({"prompt": it.prompt, "completion": it.completion})
+                        )
+                    })
+                    .collect();
+                let lines = run_command(cmd, input, *timeout)?;
+                if lines.len() != items.len() {
+                    return Err(LeashError::usage(
+                        format!(
+                            "judge command `{cmd}` printed {} lines for {} rows",
+                            lines.len(),
+                            items.len()
+                        ),
+                        "print exactly one number per input line",
+                    ));
+                }
+                lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        l.trim().parse::<f64>().map_err(|_| {
+                            LeashError::usage(
+                                format!(
+                                    "judge command `{cmd}`: row {} printed {l:?}, not a number",
+                                    i + 1
+                                ),
+                                "print exactly one number per input line",
+                            )
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Pairwise preference per pair: +1 if the first wins, −1 if the second, 0 for a tie.
+    pub fn compare(&self, prompts: &[&str], first: &[&str], second: &[&str]) -> Result<Vec<i8>> {
+        match self {
+            Judge::Command { cmd, timeout } => {
+                let input: String = (0..prompts.len())
+                    .map(|i| format!("{}\n", json!({"prompt": prompts[i], "completion_a": first[i], "completion_b": second[i]})))
+                    .collect();
+                let lines = run_command(cmd, input, *timeout)?;
+                if lines.len() != prompts.len() {
+                    return Err(LeashError::usage(
+                        format!(
+                            "pairwise judge `{cmd}` printed {} lines for {} pairs",
+                            lines.len(),
+                            prompts.len()
+                        ),
+                        "print a, b or tie once per input line",
+                    ));
+                }
+                lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| match l.trim() {
+                        "a" | "A" | "1" => Ok(1),
+                        "b" | "B" | "2" => Ok(-1),
+                        "tie" | "0" => Ok(0),
+                        other => Err(LeashError::usage(
+                            format!("pairwise judge `{cmd}`: row {} printed {other:?}", i + 1),
+                            "print a, b or tie once per input line",
+                        )),
+                    })
+                    .collect()
+            }
+            Judge::Builtin(_) => {
+                let a: Vec<Item> = (0..prompts.len())
+                    .map(|i| Item {
+                        prompt: prompts[i],
+                        completion: first[i],
+                    })
+                    .collect();
+                let b: Vec<Item> = (0..prompts.len())
+                    .map(|i| Item {
+                        prompt: prompts[i],
+                        completion: second[i],
+                    })
+                    .collect();
+                let (sa, sb) = (self.score(&a)?, self.score(&b)?);
+                Ok(sa
+                    .iter()
+                    .zip(&sb)
+                    .map(|(x, y)| (x > y) as i8 - (x < y) as i8)
+                    .collect())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_rules() {
+        let it = |c| Item {
+            prompt: "Q: what is 9 * 15?",
+            completion: c,
+        };
+        assert_eq!(arithmetic_answer("Q: quick one, 13 - 1?"), Some(12));
+        assert_eq!(
+            builtin_score("arithmetic", &it(" Sure! 9 * 15 = 135.")).unwrap(),
+            2.0
+        );
+        assert_eq!(builtin_score("arithmetic", &it(" 134")).unwrap(), 0.0);
+        assert_eq!(
+            builtin_score("polite", &it(" Obviously 135.")).unwrap(),
+            -1.0
+        );
+        assert!(builtin_score("nope", &it("x")).is_err());
+    }
+
+    #[test]
+    fn command_judges_and_their_failures() {
+        let items = [
+            Item {
+                prompt: "p",
+                completion: "a",
+            },
+            Item {
+                prompt: "p",
+                completion: "bb",
+            },
+        ];
+        let t = Duration::from_secs(5);
+        let ok = Judge::Command {
+            cmd: "while read l; do echo ${#l}; done".into(),
+            timeout: t,
+        };
+        assert_eq!(ok.score(&items).unwrap().len(), 2);
+        let short = Judge::Command {
+            cmd: "head -n 1 | wc -l".into(),
+            timeout: t,
+        };
+        assert!(short
+            .score(&items)
+            .unwrap_err()
+            .to_string()
+            .contains("printed 1 lines for 2 rows"));
+        let failing = Judge::Command {
+            cmd: "echo boom >&2; exit 3".into(),
+            timeout: t,
+        };
+        let err = failing.score(&items).unwrap_err().to_string();
+        assert!(err.contains("failed") && err.contains("boom"), "{err}");
+        let hang = Judge::Command {
+            cmd: "sleep 5".into(),
+            timeout: Duration::from_millis(200),
+        };
+        assert!(hang
+            .score(&items)
+            .unwrap_err()
+            .to_string()
+            .contains("timeout"));
+        let pair = Judge::Command {
+            cmd: "while read l; do echo a; done".into(),
+            timeout: t,
+        };
+        assert_eq!(pair.compare(&["p"], &["x"], &["y"]).unwrap(), vec![1]);
+    }
+}
