@@ -3,11 +3,13 @@
 
 pub mod bench;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod loss;
 pub mod merge;
 pub mod model;
+pub mod report;
 pub mod scoring;
 pub mod train;
 

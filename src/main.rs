@@ -23,6 +23,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The demo: build a synthetic world, train a tiny model from scratch (SFT), align it with
+    /// DPO, and compare aligned vs reference on held-out prompts. Writes runs/demo/report.md.
+    Demo {
+        /// Output folder.
+        #[arg(long, default_value = "runs/demo")]
+        output_dir: PathBuf,
+        /// The small configuration used by the tests (seconds instead of minutes).
+        #[arg(long)]
+        small: bool,
+    },
     /// Score each row of a data set: summed completion log-probs, one JSON object per row.
     Logps {
         /// Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json).
@@ -168,6 +178,22 @@ fn train(method: Method, args: &TrainArgs) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo { output_dir, small } => {
+            let cfg = if small {
+                leash::demo::DemoConfig::small()
+            } else {
+                leash::demo::DemoConfig::standard()
+            };
+            let summary = leash::demo::run_demo(&output_dir, &cfg)?;
+            let r = &summary.report;
+            let f = |k: &str| r.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+            println!(
+                "aligned vs reference on held-out prompts: win {:.0}% / tie {:.0}% / loss {:.0}%; judge {:.2} vs {:.2}; KL {:.2} ± {:.2} nats\nreport: {}",
+                100.0 * f("win_rate"), 100.0 * f("tie_rate"), 100.0 * f("loss_rate"),
+                f("policy/judge_score"), f("reference/judge_score"), f("kl"), f("kl_se"),
+                summary.report_path.display()
+            );
+        }
         Command::Generate {
             model,
             adapter,

@@ -1,0 +1,3 @@
+//! Reports: plots drawn beside the numbers.
+
+pub mod plot;
