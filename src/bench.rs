@@ -91,7 +91,7 @@ fn token_sequences(
         .collect()
 }
 
-/// Runs the measurements of `what` (forward, dpo, all, dpo-lora) on `shape_name`.
+/// Runs the measurements of `what` (forward, dpo, generate, grpo, all, dpo-lora) on `shape_name`.
 pub fn run(
     shape_name: &str,
     what: &str,
@@ -165,6 +165,20 @@ pub fn run(
             emit(report(name, secs, 4 * 128, 0.0));
         }
     }
+    if what == "grpo" || what == "all" {
+        let (sampling, training, tokens) = time_grpo_step(&base, &cfg, steps)?;
+        let secs = sampling + training;
+        let mut v = report(
+            "grpo_step(2 prompts x 8)",
+            secs,
+            tokens,
+            3.0 * flops_forward(&cfg, 16, 96),
+        );
+        v["sampling_s"] = json!(sampling);
+        v["training_s"] = json!(training);
+        v["sampling_fraction"] = json!(sampling / secs);
+        emit(with_rss(v));
+    }
     if what == "dpo-lora" {
         // Same workload with a rank-16 adapter on every linear layer; the reference is the
         // base model with the adapter off (one copy of the weights in memory).
@@ -182,6 +196,102 @@ pub fn run(
         )));
     }
     Ok(())
+}
+
+/// Median (sampling, learning) seconds of one GRPO step: 2 prompts of 32 tokens × 8 sampled
+/// completions of up to 64 tokens (no EOS on a random model, so always 64), `length`-style
+/// rewards, then one policy forward+backward, GRPO loss, clip and AdamW over the 16 sequences.
+/// Returns the medians and the tokens per step.
+fn time_grpo_step(base: &Decoder, cfg: &ModelConfig, steps: usize) -> Result<(f64, f64, usize)> {
+    use crate::eval::generate::{generate, SamplingOptions};
+    use crate::loss::grpo::{
+        advantages, grpo_loss, GrpoInputs, GrpoLossType, GrpoOptions, ScaleRewards,
+    };
+    use rand::SeedableRng;
+    let device = Device::Cpu;
+    let (policy, vars) = base.to_trainable()?;
+    let frozen = Decoder::frozen_view(&policy.config, &vars)?;
+    let mut opt = AdamW::new(
+        &vars,
+        AdamWSettings {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    );
+    let sampling = SamplingOptions {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        max_new_tokens: 64,
+    };
+    let (mut ts, mut tl) = (Vec::new(), Vec::new());
+    let mut tokens = 0;
+    for i in 0..=steps {
+        let start = Instant::now();
+        let mut seqs = Vec::new();
+        let mut rewards = Vec::new();
+        for p in 0..2usize {
+            let prompt: Vec<u32> = (0..32)
+                .map(|j| ((j * 104_729 + p * 31) % cfg.vocab_size) as u32)
+                .collect();
+            let mut rng = rand::rngs::StdRng::seed_from_u64((i * 2 + p) as u64);
+            for c in generate(&frozen, &prompt, 8, &sampling, &[], &mut rng, true)? {
+                rewards.push(c.iter().filter(|&&t| t % 2 == 0).count() as f64);
+                seqs.push(Sequence {
+                    ids: prompt.iter().chain(&c).copied().collect(),
+                    loss_start: prompt.len(),
+                });
+            }
+        }
+        let sampled = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let (adv, _) = advantages(&rewards, 8, ScaleRewards::Group);
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        let batch = collate(&refs, 0, None, &[], &device)?;
+        tokens = batch.n_tokens;
+        let mask: Vec<f32> = batch
+            .in_completion
+            .iter()
+            .map(|&c| c as u8 as f32)
+            .collect();
+        let s = score(&policy, &batch)?;
+        let out = grpo_loss(
+            &GrpoInputs {
+                logps: &s.token_logps,
+                old_logps: None,
+                ref_logps: None,
+                advantages: &adv,
+                seq_of: &batch.seq_of,
+                mask: &mask,
+            },
+            &GrpoOptions {
+                beta: 0.0,
+                epsilon: 0.2,
+                epsilon_high: 0.2,
+                loss_type: GrpoLossType::Dapo,
+                max_completion_length: 64,
+            },
+        )?;
+        let store = out.loss.backward()?;
+        let mut grads: Vec<Tensor> = vars
+            .iter()
+            .map(|(_, v)| {
+                store
+                    .get(v)
+                    .cloned()
+                    .map_or_else(|| v.as_tensor().zeros_like(), Ok)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        clip_grad_norm(&mut grads, 1.0)?;
+        opt.step(&vars, &grads, 1e-6)?;
+        if i > 0 {
+            ts.push(sampled);
+            tl.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok((median(ts), median(tl), tokens))
 }
 
 /// Peak resident memory of this process so far (Linux), in MiB.

@@ -116,7 +116,7 @@ enum Command {
         /// Model shape: bench (the notes' 5.3 M-parameter Llama) or smollm-135m.
         #[arg(long, default_value = "bench")]
         shape: String,
-        /// What to time: forward, dpo, generate, all, or dpo-lora (run dpo and dpo-lora as separate
+        /// What to time: forward, dpo, generate, grpo (sampling vs learning split), all, or dpo-lora (run dpo and dpo-lora as separate
         /// processes to compare their peak memory).
         #[arg(long, default_value = "all")]
         what: String,
@@ -133,6 +133,10 @@ enum Command {
     Kto(TrainArgs),
     /// Odds-Ratio Preference Optimization: SFT + odds-ratio term, no reference (TRL ORPOTrainer).
     Orpo(TrainArgs),
+    /// Group Relative Policy Optimization, online: sample --num-generations completions per
+    /// prompt, score them with --reward-funcs / --reward-cmd, and push up the better-than-group
+    /// ones (TRL GRPOTrainer). Batch sizes count completions.
+    Grpo(TrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -164,7 +168,11 @@ impl SamplingArgs {
 
 fn train(method: Method, args: &TrainArgs) -> anyhow::Result<()> {
     let cfg = resolve(method, args)?;
-    let summary = leash::train::trainer::train(&cfg)?;
+    let summary = if method == Method::Grpo {
+        leash::train::grpo::train(&cfg)?
+    } else {
+        leash::train::trainer::train(&cfg)?
+    };
     eprintln!(
         "done: {} steps, final loss {}; model and metrics.jsonl in {}",
         summary.steps,
@@ -295,6 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dpo(a) => train(Method::Dpo, &a)?,
         Command::Kto(a) => train(Method::Kto, &a)?,
         Command::Orpo(a) => train(Method::Orpo, &a)?,
+        Command::Grpo(a) => train(Method::Grpo, &a)?,
         Command::Logps {
             model,
             dataset,

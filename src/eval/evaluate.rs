@@ -131,7 +131,7 @@ pub fn generate_command(a: &GenerateArgs, mut emit: impl FnMut(Value) -> Result<
     Ok(())
 }
 
-fn eos_ids(model: &Decoder, tok: &TextTokenizer) -> Vec<u32> {
+pub fn eos_ids(model: &Decoder, tok: &TextTokenizer) -> Vec<u32> {
     let mut eos = model.config.eos_token_ids.clone();
     if !eos.contains(&tok.eos_id) {
         eos.push(tok.eos_id);

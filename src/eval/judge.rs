@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::error::{LeashError, Result};
 
-pub const BUILTIN_JUDGES: &[&str] = &["arithmetic", "correct", "polite", "length"];
+pub const BUILTIN_JUDGES: &[&str] = &["arithmetic", "correct", "format", "polite", "length"];
 
 pub enum Judge {
     Builtin(String),
@@ -69,8 +69,21 @@ fn numbers(text: &str) -> Vec<i64> {
         .collect()
 }
 
+/// Whether the text states a result as "= N" or "equals N".
+fn states_answer(lower: &str) -> bool {
+    let words: Vec<&str> = lower.split_whitespace().collect();
+    words.windows(2).any(|w| {
+        (w[0] == "=" || w[0] == "equals")
+            && w[1]
+                .trim_end_matches(['.', '!', ','])
+                .parse::<i64>()
+                .is_ok()
+    })
+}
+
 /// Built-in rule scores. `correct`: 1 if the completion's last number is the right answer;
 /// `polite`: +1 for a polite phrase, −1 for a rude one; `length`: −words/10;
+/// `format`: 1 if the answer is stated as "= N" or "equals N" (the data set's house style);
 /// `arithmetic`: correct + polite (the demo's judge).
 pub fn builtin_score(name: &str, item: &Item) -> Result<f64> {
     let lower = item.completion.to_lowercase();
@@ -89,6 +102,7 @@ pub fn builtin_score(name: &str, item: &Item) -> Result<f64> {
     match name {
         "correct" => Ok(correct()),
         "polite" => Ok(polite()),
+        "format" => Ok(states_answer(&lower) as u8 as f64),
         "length" => Ok(-(item.completion.split_whitespace().count() as f64) / 10.0),
         "arithmetic" => Ok(correct() + polite()),
         other => Err(LeashError::usage(
@@ -103,9 +117,13 @@ pub fn builtin_score(name: &str, item: &Item) -> Result<f64> {
 
 /// Runs `sh -c cmd` with `input` on stdin; returns stdout lines. Errors name the command.
 fn run_command(cmd: &str, input: String, timeout: Duration) -> Result<Vec<String>> {
+    run_command_as("judge", cmd, input, timeout)
+}
+
+fn run_command_as(role: &str, cmd: &str, input: String, timeout: Duration) -> Result<Vec<String>> {
     let fail = |msg: String| {
         LeashError::usage(
-            format!("judge command `{cmd}` {msg}"),
+            format!("{role} command `{cmd}` {msg}"),
             "run the command by hand on the same JSONL input to see what it does",
         )
     };
@@ -163,47 +181,55 @@ fn run_command(cmd: &str, input: String, timeout: Duration) -> Result<Vec<String
     Ok(out.lines().map(str::to_string).collect())
 }
 
+/// Runs a scoring command on whole JSON rows (one object per line on stdin) and parses one
+/// number per line of its stdout. `role` names it in errors ("judge", "reward").
+pub fn score_rows(
+    role: &str,
+    cmd: &str,
+    rows: &[serde_json::Value],
+    timeout: Duration,
+) -> Result<Vec<f64>> {
+    let input: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    let lines = run_command_as(role, cmd, input, timeout)?;
+    let hint = "print exactly one number per input line, in input order";
+    if lines.len() != rows.len() {
+        return Err(LeashError::usage(
+            format!(
+                "{role} command `{cmd}` printed {} lines for {} rows",
+                lines.len(),
+                rows.len()
+            ),
+            hint,
+        ));
+    }
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            l.trim().parse::<f64>().map_err(|_| {
+                LeashError::usage(
+                    format!(
+                        "{role} command `{cmd}`: row {} printed {l:?}, not a number",
+                        i + 1
+                    ),
+                    hint,
+                )
+            })
+        })
+        .collect()
+}
+
 impl Judge {
     /// One score per item.
     pub fn score(&self, items: &[Item]) -> Result<Vec<f64>> {
         match self {
             Judge::Builtin(name) => items.iter().map(|it| builtin_score(name, it)).collect(),
             Judge::Command { cmd, timeout } => {
-                let input: String = items
+                let rows: Vec<serde_json::Value> = items
                     .iter()
-                    .map(|it| {
-                        format!(
-                            "{}\n",
-                            json!({"prompt": it.prompt, "completion": it.completion})
-                        )
-                    })
+                    .map(|it| json!({"prompt": it.prompt, "completion": it.completion}))
                     .collect();
-                let lines = run_command(cmd, input, *timeout)?;
-                if lines.len() != items.len() {
-                    return Err(LeashError::usage(
-                        format!(
-                            "judge command `{cmd}` printed {} lines for {} rows",
-                            lines.len(),
-                            items.len()
-                        ),
-                        "print exactly one number per input line",
-                    ));
-                }
-                lines
-                    .iter()
-                    .enumerate()
-                    .map(|(i, l)| {
-                        l.trim().parse::<f64>().map_err(|_| {
-                            LeashError::usage(
-                                format!(
-                                    "judge command `{cmd}`: row {} printed {l:?}, not a number",
-                                    i + 1
-                                ),
-                                "print exactly one number per input line",
-                            )
-                        })
-                    })
-                    .collect()
+                score_rows("judge", cmd, &rows, *timeout)
             }
         }
     }
@@ -285,6 +311,12 @@ mod tests {
             -1.0
         );
         assert!(builtin_score("nope", &it("x")).is_err());
+        assert_eq!(builtin_score("format", &it(" 9 * 15 = 135.")).unwrap(), 1.0);
+        assert_eq!(
+            builtin_score("format", &it(" It equals 135!")).unwrap(),
+            1.0
+        );
+        assert_eq!(builtin_score("format", &it(" 135")).unwrap(), 0.0);
     }
 
     #[test]

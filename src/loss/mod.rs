@@ -1,6 +1,7 @@
 //! Losses: sequence log-probs and each preference objective as a pure function.
 
 pub mod dpo;
+pub mod grpo;
 pub mod kto;
 pub mod log_sigmoid;
 pub mod logps;

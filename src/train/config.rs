@@ -17,6 +17,7 @@ pub enum Method {
     Dpo,
     Kto,
     Orpo,
+    Grpo,
 }
 
 impl Method {
@@ -26,6 +27,7 @@ impl Method {
             Method::Dpo => "dpo",
             Method::Kto => "kto",
             Method::Orpo => "orpo",
+            Method::Grpo => "grpo",
         }
     }
 }
@@ -56,10 +58,12 @@ pub struct TrainArgs {
     /// Continue from a checkpoint-N folder of an earlier run (same trajectory).
     #[arg(long)]
     pub resume_from_checkpoint: Option<PathBuf>,
-    /// β: strength of the pull towards the reference (DPO/IPO/KTO) or the odds-ratio weight (ORPO). Default 0.1.
+    /// β: strength of the pull towards the reference (DPO/IPO/KTO), the odds-ratio weight (ORPO),
+    /// or the KL coefficient (GRPO; 0 loads no reference). Default 0.1 (GRPO: 0.0, as TRL).
     #[arg(long)]
     pub beta: Option<f64>,
-    /// DPO loss: sigmoid (DPO), hinge (SLiC), ipo (IPO). Default sigmoid.
+    /// DPO loss: sigmoid (DPO), hinge (SLiC), ipo (IPO); default sigmoid. GRPO aggregation:
+    /// grpo, dapo, dr_grpo; default dapo.
     #[arg(long)]
     pub loss_type: Option<String>,
     /// Conservative DPO: assumed probability that a preference label is flipped (sigmoid loss). Default 0.
@@ -71,7 +75,8 @@ pub struct TrainArgs {
     /// Peak learning rate. Defaults: 1e-6 (DPO/KTO/ORPO), 2e-5 (SFT), as TRL.
     #[arg(long)]
     pub learning_rate: Option<f64>,
-    /// Rows (pairs, for preference data) per micro-batch. Default 8.
+    /// Rows (pairs, for preference data) per micro-batch; for GRPO, completions (prompts ×
+    /// num_generations), as TRL. Default 8.
     #[arg(long)]
     pub per_device_train_batch_size: Option<usize>,
     /// Rows per evaluation batch. Default 8.
@@ -158,6 +163,46 @@ pub struct TrainArgs {
     /// adapter as it was at the start.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// GRPO: completions sampled per prompt (the group; ≥ 2). Default 8.
+    #[arg(long)]
+    pub num_generations: Option<usize>,
+    /// GRPO: most tokens sampled per completion. Default 256.
+    #[arg(long)]
+    pub max_completion_length: Option<usize>,
+    /// GRPO: sampling temperature (> 0). Default 1.0.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// GRPO: nucleus sampling mass (1 = off). Default 1.0.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// GRPO: lower clipping ε of the ratio π/π_old. Default 0.2.
+    #[arg(long)]
+    pub epsilon: Option<f64>,
+    /// GRPO: upper clipping ε (DAPO suggests 0.28). Default: --epsilon.
+    #[arg(long)]
+    pub epsilon_high: Option<f64>,
+    /// GRPO: policy updates (μ) per batch of generations. Default 1.
+    #[arg(long)]
+    pub num_iterations: Option<usize>,
+    /// GRPO: divide advantages by the std of the group, of the batch, or none. Default group.
+    #[arg(long)]
+    pub scale_rewards: Option<String>,
+    /// GRPO: leave completions that hit max_completion_length without EOS out of the loss.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub mask_truncated_completions: Option<bool>,
+    /// GRPO: built-in rewards, comma-separated: correct, format, polite, length, arithmetic.
+    #[arg(long, value_delimiter = ',')]
+    pub reward_funcs: Option<Vec<String>>,
+    /// GRPO: external reward command (repeatable): JSONL {prompt, completion, ...dataset columns}
+    /// on stdin, one number per line on stdout.
+    #[arg(long)]
+    pub reward_cmd: Option<Vec<String>>,
+    /// GRPO: one weight per reward (built-ins first, then commands). Default: all 1.
+    #[arg(long, value_delimiter = ',')]
+    pub reward_weights: Option<Vec<f64>>,
+    /// GRPO: seconds before a reward command counts as hung. Default 300.
+    #[arg(long)]
+    pub reward_timeout: Option<u64>,
 }
 
 /// The resolved settings a run uses (written to `output_dir/leash_config.json`).
@@ -204,16 +249,29 @@ pub struct TrainConfig {
     pub lora_dropout: f64,
     pub lora_target_modules: Option<String>,
     pub adapter: Option<PathBuf>,
+    pub num_generations: usize,
+    pub max_completion_length: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub epsilon: f64,
+    pub epsilon_high: Option<f64>,
+    pub num_iterations: usize,
+    pub scale_rewards: String,
+    pub mask_truncated_completions: bool,
+    pub reward_funcs: Vec<String>,
+    pub reward_cmd: Vec<String>,
+    pub reward_weights: Option<Vec<f64>>,
+    pub reward_timeout: u64,
 }
 
 fn defaults(method: Method) -> Value {
-    serde_json::json!({
+    let mut base = serde_json::json!({
         "method": method,
         "eval_dataset": null,
         "overwrite_output_dir": false,
         "resume_from_checkpoint": null,
-        "beta": 0.1,
-        "loss_type": "sigmoid",
+        "beta": if method == Method::Grpo { 0.0 } else { 0.1 },
+        "loss_type": if method == Method::Grpo { "dapo" } else { "sigmoid" },
         "label_smoothing": 0.0,
         "rpo_alpha": 0.0,
         "learning_rate": if method == Method::Sft { 2e-5 } else { 1e-6 },
@@ -245,7 +303,27 @@ fn defaults(method: Method) -> Value {
         "lora_dropout": 0.05,
         "lora_target_modules": null,
         "adapter": null,
-    })
+    });
+    // GRPO's options (a second literal: one would exceed serde_json's macro recursion limit).
+    let grpo = serde_json::json!({
+        "num_generations": 8,
+        "max_completion_length": 256,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "epsilon": 0.2,
+        "epsilon_high": null,
+        "num_iterations": 1,
+        "scale_rewards": "group",
+        "mask_truncated_completions": false,
+        "reward_funcs": [],
+        "reward_cmd": [],
+        "reward_weights": null,
+        "reward_timeout": 300,
+    });
+    if let (Value::Object(m), Value::Object(g)) = (&mut base, grpo) {
+        m.extend(g);
+    }
+    base
 }
 
 fn given(args: &TrainArgs) -> Map<String, Value> {
@@ -296,7 +374,9 @@ pub fn resolve(method: Method, flags: &TrainArgs) -> Result<TrainConfig> {
 
 fn validate(cfg: &TrainConfig) -> Result<()> {
     let bad = |msg: String, hint: &str| Err(LeashError::usage(msg, hint));
-    if cfg.beta <= 0.0 || !cfg.beta.is_finite() {
+    if cfg.method == Method::Grpo {
+        validate_grpo(cfg)?;
+    } else if cfg.beta <= 0.0 || !cfg.beta.is_finite() {
         return bad(
             format!("beta must be > 0 (got {})", cfg.beta),
             "typical values are 0.01–0.5; β → 0 removes the leash entirely",
@@ -380,6 +460,92 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+pub const SCALE_REWARDS: &[&str] = &["group", "batch", "none"];
+
+fn validate_grpo(cfg: &TrainConfig) -> Result<()> {
+    let bad = |msg: String, hint: &str| Err(LeashError::usage(msg, hint));
+    if cfg.beta < 0.0 || !cfg.beta.is_finite() {
+        return bad(
+            format!("beta must be ≥ 0 (got {})", cfg.beta),
+            "0 (TRL's default) trains without a reference model; 0.01–0.1 adds a KL penalty",
+        );
+    }
+    crate::loss::grpo::GrpoLossType::parse(&cfg.loss_type)?;
+    if !SCALE_REWARDS.contains(&cfg.scale_rewards.as_str()) {
+        return bad(
+            format!("unknown scale_rewards `{}`", cfg.scale_rewards),
+            "valid: group, batch, none",
+        );
+    }
+    if cfg.num_generations < 2 {
+        return bad(
+            format!("num_generations must be ≥ 2 (got {})", cfg.num_generations),
+            "GRPO's baseline is the mean reward of a prompt's group: one completion has nothing to compare with; use --num-generations 4 or more",
+        );
+    }
+    let per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
+    if !per_step.is_multiple_of(cfg.num_generations) {
+        return bad(
+            format!(
+                "per_device_train_batch_size × gradient_accumulation_steps ({per_step}) must be a multiple of num_generations ({})",
+                cfg.num_generations
+            ),
+            "they count completions, as in TRL: e.g. --per-device-train-batch-size 16 --num-generations 8 trains on 2 prompts per step",
+        );
+    }
+    if cfg.max_completion_length == 0 || cfg.num_iterations == 0 {
+        return bad(
+            "max_completion_length and num_iterations must be ≥ 1".into(),
+            "use 1 or more",
+        );
+    }
+    if cfg.temperature <= 0.0 || !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
+        return bad(
+            format!(
+                "temperature must be > 0 and top_p in (0, 1] (got {}, {})",
+                cfg.temperature, cfg.top_p
+            ),
+            "GRPO needs different completions per prompt: greedy decoding gives a group nothing to compare",
+        );
+    }
+    if cfg.epsilon <= 0.0 || cfg.epsilon_high.is_some_and(|e| e <= 0.0) {
+        return bad(
+            "epsilon and epsilon_high must be > 0".into(),
+            "TRL's default is 0.2; DAPO uses epsilon_high 0.28",
+        );
+    }
+    let n_rewards = cfg.reward_funcs.len() + cfg.reward_cmd.len();
+    if n_rewards == 0 {
+        return bad(
+            "GRPO needs a reward".into(),
+            "pass --reward-funcs correct,format (built-ins: correct, format, polite, length, arithmetic) and/or --reward-cmd \"python score.py\"",
+        );
+    }
+    for name in &cfg.reward_funcs {
+        if !crate::eval::judge::BUILTIN_JUDGES.contains(&name.as_str()) {
+            return bad(
+                format!("unknown reward function `{name}`"),
+                &format!(
+                    "built-in rewards: {}; or pass --reward-cmd",
+                    crate::eval::judge::BUILTIN_JUDGES.join(", ")
+                ),
+            );
+        }
+    }
+    if let Some(w) = &cfg.reward_weights {
+        if w.len() != n_rewards {
+            return bad(
+                format!(
+                    "{} reward weights for {n_rewards} reward functions",
+                    w.len()
+                ),
+                "give one weight per reward, built-ins first in --reward-funcs order, then each --reward-cmd",
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,6 +569,33 @@ mod tests {
         let sft = resolve(Method::Sft, &args()).unwrap();
         assert_eq!(sft.learning_rate, 2e-5);
         assert!(!resolve(Method::Kto, &args()).unwrap().shuffle);
+        let mut a = args();
+        a.reward_funcs = Some(vec!["length".into()]);
+        let grpo = resolve(Method::Grpo, &a).unwrap();
+        assert_eq!(
+            (grpo.beta, grpo.loss_type.as_str(), grpo.num_generations),
+            (0.0, "dapo", 8)
+        );
+        assert_eq!((grpo.epsilon, grpo.scale_rewards.as_str()), (0.2, "group"));
+    }
+
+    #[test]
+    fn grpo_rejects_groups_of_one_and_missing_rewards() {
+        let mut a = args();
+        a.reward_funcs = Some(vec!["length".into()]);
+        a.num_generations = Some(1);
+        let err = resolve(Method::Grpo, &a).unwrap_err().to_string();
+        assert!(
+            err.contains("num_generations must be ≥ 2") && err.contains("hint:"),
+            "{err}"
+        );
+        let err = resolve(Method::Grpo, &args()).unwrap_err().to_string();
+        assert!(err.contains("needs a reward"), "{err}");
+        let mut a = args();
+        a.reward_funcs = Some(vec!["length".into()]);
+        a.reward_weights = Some(vec![1.0, 2.0]);
+        let err = resolve(Method::Grpo, &a).unwrap_err().to_string();
+        assert!(err.contains("2 reward weights for 1"), "{err}");
     }
 
     #[test]

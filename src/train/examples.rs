@@ -47,6 +47,7 @@ fn accepted(method: Method) -> &'static str {
     match method {
         Method::Sft => "prompt/completion, text or messages rows",
         Method::Dpo | Method::Orpo => "preference rows: prompt/chosen/rejected (or implicit-prompt chosen/rejected)",
+        Method::Grpo => "rows with a prompt",
         Method::Kto => "unpaired rows prompt/completion/label (preference rows are split into one desirable and one undesirable row)",
     }
 }

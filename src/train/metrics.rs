@@ -14,16 +14,21 @@ use crate::error::{LeashError, Result};
 /// Sums and counts of each metric since the last log.
 #[derive(Default)]
 pub struct Accumulator {
-    sums: BTreeMap<&'static str, (f64, usize)>,
+    sums: BTreeMap<String, (f64, usize)>,
 }
 
 impl Accumulator {
     pub fn add(&mut self, metrics: &Metrics) {
         for (k, v) in metrics {
-            let e = self.sums.entry(k).or_insert((0.0, 0));
-            e.0 += v;
-            e.1 += 1;
+            self.add_one(k, *v);
         }
+    }
+
+    /// One value under a name built at run time (e.g. `rewards/<name>/mean`).
+    pub fn add_one(&mut self, key: &str, value: f64) {
+        let e = self.sums.entry(key.to_string()).or_insert((0.0, 0));
+        e.0 += value;
+        e.1 += 1;
     }
 
     /// Averages and clears.
@@ -31,7 +36,7 @@ impl Accumulator {
         let out = self
             .sums
             .iter()
-            .map(|(k, (s, n))| (k.to_string(), Value::from(s / *n as f64)))
+            .map(|(k, (s, n))| (k.clone(), Value::from(s / *n as f64)))
             .collect();
         self.sums.clear();
         out
@@ -69,6 +74,8 @@ pub fn human_line(record: &Map<String, Value>) -> String {
     let keys = [
         "loss",
         "eval_loss",
+        "reward",
+        "reward_std",
         "rewards/margins",
         "rewards/accuracies",
         "logps/chosen",

@@ -122,6 +122,10 @@ pub fn micro_batch(
         Method::Dpo => dpo(ctx, examples, scale),
         Method::Kto => kto(ctx, examples, scale),
         Method::Orpo => orpo(ctx, examples, scale),
+        Method::Grpo => Err(crate::error::LeashError::usage(
+            "GRPO has no offline micro-batch",
+            "run it through leash::train::grpo::train",
+        )),
     }
 }
 

@@ -33,9 +33,9 @@ pub struct TrainSummary {
     pub output_dir: std::path::PathBuf,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-fn install_ctrl_c() {
+pub(crate) fn install_ctrl_c() {
     // Errors only if a handler is already installed (e.g. a second run in one process).
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
 }
@@ -66,7 +66,7 @@ pub fn steps_per_epoch(cfg: &TrainConfig, n: usize) -> usize {
         .div_ceil(cfg.gradient_accumulation_steps)
 }
 
-fn check_output_dir(cfg: &TrainConfig) -> Result<()> {
+pub(crate) fn check_output_dir(cfg: &TrainConfig) -> Result<()> {
     let dir = &cfg.output_dir;
     let holds_run = dir.join("metrics.jsonl").exists() || dir.join("leash_config.json").exists();
     if holds_run && !cfg.overwrite_output_dir && cfg.resume_from_checkpoint.is_none() {

@@ -1,0 +1,558 @@
+//! Online GRPO (TRL `GRPOTrainer`; Shao et al. 2024). Reads top to bottom:
+//! load → prompts → for each optimizer step: every `num_iterations` steps sample
+//! `num_generations` completions per prompt with the current policy (no gradients), score the
+//! rewards, compute group advantages (and π_old / π_ref log-probs when needed) → micro-batches:
+//! score the policy, GRPO loss ([`crate::loss::grpo`]), backward → clip → AdamW → log /
+//! checkpoint → final save.
+//!
+//! Batch sizes count completions, as in TRL: one step trains on
+//! per_device_train_batch_size × gradient_accumulation_steps completions, i.e. that many
+//! ÷ num_generations prompts.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::{Map, Value};
+
+use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
+use super::config::TrainConfig;
+use super::metrics::{human_line, Accumulator, MetricsLog};
+use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
+use super::policy::{build_policy, save_weights, Policy};
+use super::schedule::{lr_factor, warmup_steps};
+use super::trainer::{check_output_dir, install_ctrl_c, TrainSummary, INTERRUPTED};
+use crate::data::collate::{collate, Collated};
+use crate::data::encode::Sequence;
+use crate::data::tokenizer::TextTokenizer;
+use crate::error::{read_text, LeashError, Result};
+use crate::eval::evaluate::{eos_ids, prompts};
+use crate::eval::generate::{generate, SamplingOptions};
+use crate::eval::judge::{builtin_score, score_rows, Item};
+use crate::loss::grpo::{
+    advantages, grpo_loss, GrpoInputs, GrpoLossType, GrpoOptions, ScaleRewards,
+};
+use crate::loss::logps::score;
+use crate::loss::token_logprob::row_stats;
+use crate::model::Decoder;
+use crate::scoring::load_model;
+
+/// One prompt of the data set: rendered text, ids, and the row's columns (for reward commands).
+pub struct PromptRow {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub columns: Map<String, Value>,
+}
+
+/// Every row's prompt plus its JSON columns, in file order.
+pub fn load_prompts(path: &std::path::Path, tok: &TextTokenizer) -> Result<Vec<PromptRow>> {
+    let listed = prompts(path, tok)?;
+    // `prompts` already validated every non-blank line as a JSON object with a prompt.
+    let columns = read_text(path)?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| match serde_json::from_str(l) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        })
+        .collect::<Vec<_>>();
+    Ok(listed
+        .into_iter()
+        .zip(columns)
+        .map(|((text, ids), columns)| PromptRow { text, ids, columns })
+        .collect())
+}
+
+/// The reward functions of a run, under the names their metrics use.
+pub struct Rewards {
+    pub names: Vec<String>,
+    commands: Vec<Option<String>>,
+    pub weights: Vec<f64>,
+    timeout: Duration,
+}
+
+impl Rewards {
+    pub fn from_config(cfg: &TrainConfig) -> Self {
+        let mut names: Vec<String> = cfg.reward_funcs.clone();
+        let mut commands: Vec<Option<String>> = vec![None; names.len()];
+        for (i, cmd) in cfg.reward_cmd.iter().enumerate() {
+            names.push(if cfg.reward_cmd.len() == 1 {
+                "reward_cmd".into()
+            } else {
+                format!("reward_cmd_{}", i + 1)
+            });
+            commands.push(Some(cmd.clone()));
+        }
+        let weights = cfg
+            .reward_weights
+            .clone()
+            .unwrap_or_else(|| vec![1.0; names.len()]);
+        Rewards {
+            names,
+            commands,
+            weights,
+            timeout: Duration::from_secs(cfg.reward_timeout),
+        }
+    }
+
+    /// Scores of each reward function for each completion: (functions × completions).
+    pub fn score(&self, rows: &[(&PromptRow, String)]) -> Result<Vec<Vec<f64>>> {
+        self.names
+            .iter()
+            .zip(&self.commands)
+            .map(|(name, cmd)| match cmd {
+                None => rows
+                    .iter()
+                    .map(|(p, c)| {
+                        builtin_score(
+                            name,
+                            &Item {
+                                prompt: &p.text,
+                                completion: c,
+                            },
+                        )
+                    })
+                    .collect(),
+                Some(cmd) => {
+                    let input: Vec<Value> = rows
+                        .iter()
+                        .map(|(p, c)| {
+                            let mut obj = p.columns.clone();
+                            obj.insert("prompt".into(), p.text.clone().into());
+                            obj.insert("completion".into(), c.clone().into());
+                            Value::Object(obj)
+                        })
+                        .collect();
+                    score_rows("reward", cmd, &input, self.timeout)
+                }
+            })
+            .collect()
+    }
+}
+
+/// One micro-batch of a rollout, collated once and reused for every iteration.
+struct Micro {
+    batch: Collated,
+    /// Advantage of each sequence in the micro-batch.
+    advantages: Vec<f64>,
+    /// Loss mask per scored token.
+    mask: Vec<f32>,
+    /// (n,) log π_old at sampling time; only when num_iterations > 1.
+    old: Option<Tensor>,
+    /// (n,) log π_ref; only when β > 0.
+    reference: Option<Tensor>,
+}
+
+/// A batch of generations and everything the updates on it need.
+struct Rollout {
+    micro: Vec<Micro>,
+    metrics: Vec<(String, f64)>,
+    tokens: usize,
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (m, var.sqrt())
+}
+
+/// Prompt positions of generation batch `gen`: epochs of a seeded permutation, cut in order.
+fn prompt_positions(cfg: &TrainConfig, n: usize, per_gen: usize, gen: usize) -> Vec<usize> {
+    (0..per_gen)
+        .map(|j| {
+            let k = gen * per_gen + j;
+            let epoch = k / n;
+            let mut order: Vec<usize> = (0..n).collect();
+            if cfg.shuffle {
+                let mut rng =
+                    rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(epoch as u64));
+                order.shuffle(&mut rng);
+            }
+            order[k % n]
+        })
+        .collect()
+}
+
+struct Models<'a> {
+    sampler: &'a Decoder,
+    reference: Option<&'a Decoder>,
+    tok: &'a TextTokenizer,
+    eos: &'a [u32],
+}
+
+/// Samples, scores and prepares one generation batch.
+fn rollout(
+    cfg: &TrainConfig,
+    m: &Models,
+    rows: &[PromptRow],
+    rewards: &Rewards,
+    gen: usize,
+) -> Result<Rollout> {
+    let g = cfg.num_generations;
+    let per_gen = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps / g;
+    let positions = prompt_positions(cfg, rows.len(), per_gen, gen);
+    let opt = SamplingOptions {
+        temperature: cfg.temperature,
+        top_k: 0,
+        top_p: cfg.top_p,
+        max_new_tokens: cfg.max_completion_length,
+    };
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(1_000_003 * (gen as u64 + 1)));
+    let mut seqs = Vec::with_capacity(per_gen * g);
+    let mut texts: Vec<(&PromptRow, String)> = Vec::with_capacity(per_gen * g);
+    let mut truncated = Vec::with_capacity(per_gen * g);
+    for &p in &positions {
+        let row = &rows[p];
+        for c in generate(m.sampler, &row.ids, g, &opt, m.eos, &mut rng, true)? {
+            truncated.push(!c.last().is_some_and(|t| m.eos.contains(t)));
+            texts.push((row, m.tok.decode(&c, true)?));
+            seqs.push(Sequence {
+                ids: row.ids.iter().chain(&c).copied().collect(),
+                loss_start: row.ids.len(),
+            });
+        }
+    }
+    let per_func = rewards.score(&texts)?; // (functions, completions)
+    let total: Vec<f64> = (0..seqs.len())
+        .map(|i| {
+            per_func
+                .iter()
+                .zip(&rewards.weights)
+                .map(|(f, w)| f[i] * w)
+                .sum()
+        })
+        .collect();
+    let (adv, group_stds) = advantages(&total, g, ScaleRewards::parse(&cfg.scale_rewards)?);
+    let lengths: Vec<f64> = seqs
+        .iter()
+        .map(|s| (s.ids.len() - s.loss_start) as f64)
+        .collect();
+    let mut metrics = vec![
+        ("reward".to_string(), mean_std(&total).0),
+        (
+            "reward_std".to_string(),
+            group_stds.iter().sum::<f64>() / group_stds.len().max(1) as f64,
+        ),
+        (
+            "frac_reward_zero_std".to_string(),
+            group_stds.iter().filter(|&&s| s.abs() < 1e-8).count() as f64
+                / group_stds.len().max(1) as f64,
+        ),
+        ("completions/mean_length".to_string(), mean_std(&lengths).0),
+        (
+            "completions/min_length".to_string(),
+            lengths.iter().copied().fold(f64::INFINITY, f64::min),
+        ),
+        (
+            "completions/max_length".to_string(),
+            lengths.iter().copied().fold(0.0, f64::max),
+        ),
+        (
+            "completions/clipped_ratio".to_string(),
+            truncated.iter().filter(|&&t| t).count() as f64 / truncated.len().max(1) as f64,
+        ),
+    ];
+    for (name, scores) in rewards.names.iter().zip(&per_func) {
+        let (mean, std) = mean_std(scores);
+        metrics.push((format!("rewards/{name}/mean"), mean));
+        metrics.push((format!("rewards/{name}/std"), std));
+    }
+    let device = Device::Cpu;
+    let mut micro = Vec::new();
+    let mut tokens = 0;
+    let bs = cfg.per_device_train_batch_size;
+    for start in (0..seqs.len()).step_by(bs) {
+        let end = (start + bs).min(seqs.len());
+        let refs: Vec<&Sequence> = seqs[start..end].iter().collect();
+        let batch = collate(
+            &refs,
+            m.tok.pad_id,
+            m.sampler.config.sliding_window,
+            &[],
+            &device,
+        )?;
+        tokens += batch.n_tokens;
+        let mask: Vec<f32> = batch
+            .seq_of
+            .iter()
+            .zip(&batch.in_completion)
+            .map(|(&s, &inc)| {
+                let dropped = cfg.mask_truncated_completions && truncated[start + s as usize];
+                (inc && !dropped) as u8 as f32
+            })
+            .collect();
+        let old = if cfg.num_iterations > 1 {
+            Some(score(m.sampler, &batch)?.token_logps.detach())
+        } else {
+            None
+        };
+        let reference = match m.reference {
+            Some(r) => Some(score(r, &batch)?.token_logps.detach()),
+            None => None,
+        };
+        micro.push(Micro {
+            batch,
+            advantages: adv[start..end].to_vec(),
+            mask,
+            old,
+            reference,
+        });
+    }
+    Ok(Rollout {
+        micro,
+        metrics,
+        tokens,
+    })
+}
+
+/// Saves a checkpoint and turns a reward failure into a stop with a resume hint.
+fn stop_with_checkpoint(
+    err: LeashError,
+    cfg: &TrainConfig,
+    save: &dyn Fn() -> Result<std::path::PathBuf>,
+) -> LeashError {
+    let (message, hint) = match err {
+        LeashError::Usage { message, hint } => (message, hint),
+        other => (other.to_string(), String::new()),
+    };
+    match save() {
+        Ok(dir) => LeashError::Stopped {
+            message: format!("{message}\ncheckpoint saved: {}", dir.display()),
+            hint: format!(
+                "{hint}; then continue with --resume-from-checkpoint {} --output-dir {}",
+                dir.display(),
+                cfg.output_dir.display()
+            ),
+        },
+        Err(e) => LeashError::Stopped {
+            message: format!("{message}\n(and saving a checkpoint failed too: {e})"),
+            hint,
+        },
+    }
+}
+
+/// Runs GRPO as configured. Progress and human lines go to stderr.
+pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+    check_output_dir(cfg)?;
+    install_ctrl_c();
+    let device = Device::Cpu;
+    let (base, tok) = load_model(&cfg.model, &device)?;
+    let rows = load_prompts(&cfg.dataset, &tok)?;
+    let rewards = Rewards::from_config(cfg);
+    let config_path = cfg.output_dir.join("leash_config.json");
+    std::fs::write(
+        &config_path,
+        serde_json::to_string_pretty(cfg).unwrap_or_default(),
+    )
+    .map_err(|e| LeashError::io(&config_path, e, "check the output folder is writable"))?;
+    let eos = eos_ids(&base, &tok);
+    let built = build_policy(cfg, base, &device)?;
+    let Policy {
+        model: policy,
+        frozen,
+        vars,
+        reference,
+        adapter_config,
+    } = built;
+    // β = 0: no KL term, so no reference is kept (TRL loads none).
+    let reference = (cfg.beta > 0.0).then_some(reference);
+    let g = cfg.num_generations;
+    let per_gen = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps / g;
+    eprintln!(
+        "grpo: {} prompts, {per_gen} prompts × {g} generations per step, rewards: {}",
+        rows.len(),
+        rewards.names.join(", ")
+    );
+    let loss_opts = GrpoOptions {
+        beta: cfg.beta,
+        epsilon: cfg.epsilon,
+        epsilon_high: cfg.epsilon_high.unwrap_or(cfg.epsilon),
+        loss_type: GrpoLossType::parse(&cfg.loss_type)?,
+        max_completion_length: cfg.max_completion_length,
+    };
+    let save_final =
+        |dir: &std::path::Path| save_weights(dir, &cfg.model, &vars, adapter_config.as_ref());
+    let mut opt = AdamW::new(
+        &vars,
+        AdamWSettings {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        },
+    );
+    let mut state = TrainerState {
+        global_step: 0,
+        total_tokens: 0,
+        seed: cfg.seed,
+        monitor_start_logps: None,
+        monitor_warned: false,
+    };
+    if let Some(dir) = &cfg.resume_from_checkpoint {
+        state = load_checkpoint(dir, &vars, &mut opt)?;
+        eprintln!(
+            "resumed from {} at step {}",
+            dir.display(),
+            state.global_step
+        );
+    }
+    let mu = cfg.num_iterations;
+    let gens_per_epoch = rows.len().div_ceil(per_gen);
+    let total = cfg
+        .max_steps
+        .unwrap_or_else(|| (cfg.num_train_epochs * gens_per_epoch as f64).ceil() as usize * mu);
+    let warmup = warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
+    let mut log = MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?;
+    let mut acc = Accumulator::default();
+    let mut last_loss = None;
+    let bar = ProgressBar::new(total as u64).with_position(state.global_step as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let models = Models {
+        sampler: &frozen,
+        reference: reference.as_ref(),
+        tok: &tok,
+        eos: &eos,
+    };
+    let mut current: Option<Rollout> = None;
+
+    for step in state.global_step..total {
+        // Sampling: a fresh batch every μ steps (or after a resume mid-way).
+        let t0 = Instant::now();
+        if step % mu == 0 || current.is_none() {
+            let r = match rollout(cfg, &models, &rows, &rewards, step / mu) {
+                Ok(r) => r,
+                Err(e) => {
+                    bar.abandon();
+                    let save =
+                        || save_checkpoint(&cfg.output_dir, &save_final, &vars, &opt, &state);
+                    return Err(stop_with_checkpoint(e, cfg, &save));
+                }
+            };
+            for (k, v) in &r.metrics {
+                acc.add_one(k, *v);
+            }
+            state.total_tokens += r.tokens;
+            current = Some(r);
+        }
+        let sampling_s = t0.elapsed().as_secs_f64();
+        let Some(batch) = &current else { continue };
+
+        // Learning: one optimizer step over every micro-batch of the rollout.
+        let t1 = Instant::now();
+        let scale = 1.0 / batch.micro.len() as f64;
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut step_loss = 0.0;
+        for mb in &batch.micro {
+            let scored = score(&policy, &mb.batch)?;
+            let out = grpo_loss(
+                &GrpoInputs {
+                    logps: &scored.token_logps,
+                    old_logps: mb.old.as_ref(),
+                    ref_logps: mb.reference.as_ref(),
+                    advantages: &mb.advantages,
+                    seq_of: &mb.batch.seq_of,
+                    mask: &mb.mask,
+                },
+                &loss_opts,
+            )?;
+            let loss = (out.loss * scale)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                bar.abandon();
+                return Err(LeashError::Stopped {
+                    message: format!("loss became {value} at step {} (nothing of this step was applied)", step + 1),
+                    hint: "the last checkpoint in the output folder is intact; lower --learning-rate, or keep --max-grad-norm on, and resume from it".into(),
+                });
+            }
+            step_loss += value;
+            let store = loss.backward()?;
+            for (g, (_, var)) in grads.iter_mut().zip(&vars) {
+                if let Some(new) = store.get(var) {
+                    *g = Some(match g.take() {
+                        Some(old) => (old + new)?,
+                        None => new.clone(),
+                    });
+                }
+            }
+            let stats = row_stats(&scored.logits.detach(), &mb.batch.targets)?;
+            let (ent, cnt) = stats
+                .iter()
+                .zip(&mb.mask)
+                .fold((0.0, 0.0), |(e, c), (s, &m)| {
+                    (e + s.entropy as f64 * m as f64, c + m as f64)
+                });
+            acc.add_one("entropy", ent / f64::max(cnt, 1.0));
+            if let Some(kl) = out.kl {
+                acc.add_one("kl", kl);
+            }
+            acc.add_one("clip_ratio/low_mean", out.clip_low);
+            acc.add_one("clip_ratio/high_mean", out.clip_high);
+            acc.add_one("clip_ratio/region_mean", out.clip_region);
+        }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        let lr = cfg.learning_rate * lr_factor(&cfg.lr_scheduler_type, step, warmup, total);
+        opt.step(&vars, &grads, lr)?;
+        state.global_step = step + 1;
+        acc.add_one("loss", step_loss);
+        acc.add_one("grad_norm", grad_norm);
+        acc.add_one("time/sampling_s", sampling_s);
+        acc.add_one("time/training_s", t1.elapsed().as_secs_f64());
+        bar.inc(1);
+
+        let done = state.global_step == total;
+        if state.global_step.is_multiple_of(cfg.logging_steps) || done {
+            let mut record = Map::new();
+            record.insert("step".into(), state.global_step.into());
+            record.insert(
+                "epoch".into(),
+                (state.global_step as f64 / (gens_per_epoch * mu) as f64).into(),
+            );
+            record.insert("learning_rate".into(), lr.into());
+            record.insert("num_tokens".into(), (state.total_tokens as f64).into());
+            record.extend(acc.take());
+            last_loss = record.get("loss").and_then(Value::as_f64);
+            bar.println(human_line(&record));
+            log.write(&record)?;
+        }
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        if state.global_step.is_multiple_of(cfg.save_steps) || done || interrupted {
+            let dir = save_checkpoint(&cfg.output_dir, &save_final, &vars, &opt, &state)?;
+            bar.set_message(format!("saved {}", dir.display()));
+        }
+        if interrupted {
+            bar.abandon();
+            return Err(LeashError::Stopped {
+                message: format!(
+                    "interrupted at step {}; checkpoint saved",
+                    state.global_step
+                ),
+                hint: format!(
+                    "continue with --resume-from-checkpoint {}",
+                    cfg.output_dir
+                        .join(format!("checkpoint-{}", state.global_step))
+                        .display()
+                ),
+            });
+        }
+    }
+    bar.finish_and_clear();
+    save_final(&cfg.output_dir)?;
+    Ok(TrainSummary {
+        steps: state.global_step,
+        final_loss: last_loss,
+        output_dir: cfg.output_dir.clone(),
+    })
+}
