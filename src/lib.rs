@@ -6,6 +6,7 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod eval;
+pub mod lab;
 pub mod loss;
 pub mod merge;
 pub mod model;

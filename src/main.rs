@@ -33,6 +33,16 @@ enum Command {
         #[arg(long)]
         small: bool,
     },
+    /// Reproduce one lesson of preference optimization on real runs, with report, plot and a
+    /// computed verdict: logps, grad, overtrain, beta-sweep, ipo-vs-dpo, kto.
+    Lab {
+        experiment: String,
+        #[arg(long, default_value = "runs/lab")]
+        output_dir: PathBuf,
+        /// The small configuration used by the tests.
+        #[arg(long)]
+        small: bool,
+    },
     /// Score each row of a data set: summed completion log-probs, one JSON object per row.
     Logps {
         /// Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json).
@@ -186,6 +196,19 @@ fn train(method: Method, args: &TrainArgs) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Lab {
+            experiment,
+            output_dir,
+            small,
+        } => {
+            let cfg = if small {
+                leash::demo::DemoConfig::small()
+            } else {
+                leash::demo::DemoConfig::standard()
+            };
+            let outcome = leash::lab::run_lab(&experiment, &output_dir, &cfg)?;
+            println!("{}\nreport: {}", outcome.verdict, outcome.report.display());
+        }
         Command::Demo { output_dir, small } => {
             let cfg = if small {
                 leash::demo::DemoConfig::small()

@@ -132,23 +132,46 @@ fn stage(name: &str, start: &Instant) {
     eprintln!("\n== [{:.0} s] {name}", start.elapsed().as_secs_f64());
 }
 
-/// Runs the whole demo into `out` and writes `out/report.md`.
-pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary> {
-    let start = Instant::now();
-    let (data, base, sft, dpo, eval) = (
-        out.join("data"),
-        out.join("base"),
-        out.join("sft"),
-        out.join("dpo"),
-        out.join("eval"),
-    );
+/// Training options shared by the demo's and the labs' runs.
+pub fn run_args(
+    cfg: &DemoConfig,
+    model: &Path,
+    dataset: PathBuf,
+    output: &Path,
+    steps: usize,
+    lr: f64,
+) -> TrainArgs {
+    TrainArgs {
+        model: Some(model.to_path_buf()),
+        dataset: Some(dataset),
+        output_dir: Some(output.to_path_buf()),
+        overwrite_output_dir: Some(true),
+        max_steps: Some(steps),
+        learning_rate: Some(lr),
+        per_device_train_batch_size: Some(cfg.batch),
+        max_length: Some(64),
+        logging_steps: Some(10),
+        save_steps: Some(100_000),
+        seed: Some(cfg.seed),
+        ..Default::default()
+    }
+}
+
+/// Stages 1–2 of the demo: the synthetic world in `out/data`, a tokenizer and random model in
+/// `out/base`, and the SFT reference in `out/sft`. Returns (data dir, sft dir).
+pub fn world_and_reference(
+    out: &Path,
+    cfg: &DemoConfig,
+    start: &Instant,
+) -> Result<(PathBuf, PathBuf)> {
+    let (data, base, sft) = (out.join("data"), out.join("base"), out.join("sft"));
     for d in [&data, &base] {
         std::fs::create_dir_all(d)
             .map_err(|e| LeashError::io(d, e, "check the output folder is writable"))?;
     }
     stage(
         "1/5 building the synthetic world and training a tokenizer",
-        &start,
+        start,
     );
     let world = world::build(cfg.seed, cfg.n_sft, cfg.n_pref, cfg.n_test);
     write_jsonl(&data.join("sft.jsonl"), &world.sft)?;
@@ -162,26 +185,12 @@ pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary> {
         world.pref_train.len(),
         world.pref_test.len()
     );
-
-    let common = |model: &Path, dataset: PathBuf, output: &Path, steps: usize, lr: f64| TrainArgs {
-        model: Some(model.to_path_buf()),
-        dataset: Some(dataset),
-        output_dir: Some(output.to_path_buf()),
-        overwrite_output_dir: Some(true),
-        max_steps: Some(steps),
-        learning_rate: Some(lr),
-        per_device_train_batch_size: Some(cfg.batch),
-        max_length: Some(64),
-        logging_steps: Some(10),
-        save_steps: Some(100_000),
-        seed: Some(cfg.seed),
-        ..Default::default()
-    };
     stage(
         "2/5 SFT from scratch on a mix of good and bad answers (this model becomes the reference)",
-        &start,
+        start,
     );
-    let mut sft_args = common(
+    let mut sft_args = run_args(
+        cfg,
         &base,
         data.join("sft.jsonl"),
         &sft,
@@ -191,9 +200,17 @@ pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary> {
     sft_args.lr_scheduler_type = Some("cosine".into());
     sft_args.warmup_steps = Some(cfg.sft_steps / 20);
     train(&resolve(Method::Sft, &sft_args)?)?;
+    Ok((data, sft))
+}
 
+/// Runs the whole demo into `out` and writes `out/report.md`.
+pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary> {
+    let start = Instant::now();
+    let (data, sft) = world_and_reference(out, cfg, &start)?;
+    let (dpo, eval) = (out.join("dpo"), out.join("eval"));
     stage("3/5 DPO: prefer polite, correct answers", &start);
-    let mut dpo_args = common(
+    let mut dpo_args = run_args(
+        cfg,
         &sft,
         data.join("pref_train.jsonl"),
         &dpo,
