@@ -1,6 +1,7 @@
 //! Causal language models: config, weights, the decoder families, and a loaded checkpoint.
 
 pub mod config;
+pub mod fused;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
