@@ -2,14 +2,14 @@
 //! positions (rotate-half), grouped-query attention, SwiGLU MLP. Mirrors transformers'
 //! `modeling_llama.py`; tensor names follow the checkpoint (`model.layers.{i}.self_attn.q_proj`).
 //!
-//! Legend: b batch, t time, c hidden channels, h heads, d head dim.
+//! Legend: b batch, t time, c hidden channels, h heads, d head dim, i MLP width.
 
 use candle_core::{Module, Tensor};
 
 use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::linear::Linear;
-use super::ops::{apply_rope, attention, rms_norm, rope_inv_freq, rope_tables};
+use super::ops::{apply_rope, attention, rms_norm, rope_inv_freq, rope_tables, swiglu};
 use super::params::ParamLoader;
 use super::ForwardInput;
 use crate::error::Result;
@@ -122,8 +122,8 @@ impl Llama {
             let y = y.transpose(1, 2)?.reshape((b, t, hq * d))?;
             x = (x + layer.o.forward(&y)?)?;
             let h = rms_norm(&x, &layer.post_norm, cfg.norm_eps)?;
-            let gated = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let mlp = layer.down.forward(&(gated * layer.up.forward(&h)?)?)?;
+            let gated = swiglu(&layer.gate.forward(&h)?, &layer.up.forward(&h)?)?; // (b, t, i)
+            let mlp = layer.down.forward(&gated)?;
             x = (x + mlp)?;
         }
         Ok(rms_norm(&x, &self.norm, cfg.norm_eps)?)

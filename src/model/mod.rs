@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod fused;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
