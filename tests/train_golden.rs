@@ -6,7 +6,8 @@
 //! later steps within TRAJ_REL_PER_STEP × step relative, because summation-order differences
 //! (candle's gemm vs PyTorch's) compound roughly linearly along the trajectory. Relative
 //! errors are taken against max(|golden|, REL_FLOOR) so metrics that start at exactly 0
-//! (rewards at step 1) are compared absolutely. Observed worst case: 25 % of the tolerance.
+//! (rewards at step 1) are compared absolutely. Observed worst case: about 35 % of the tolerance
+//! (IPO, with the fused kernels; 34 % with the composed ops).
 
 mod common;
 use common::fixture;
