@@ -43,6 +43,11 @@ enum Command {
         #[arg(long)]
         small: bool,
     },
+    /// Inspect or fix preference data: `report` (length statistics), `balance-length`.
+    Data {
+        #[command(subcommand)]
+        action: DataAction,
+    },
     /// Score each row of a data set: summed completion log-probs, one JSON object per row.
     Logps {
         /// Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json).
@@ -149,6 +154,23 @@ enum Command {
     Grpo(TrainArgs),
 }
 
+#[derive(Subcommand)]
+enum DataAction {
+    /// Length statistics of chosen vs rejected completions (chars); `length_bias` is the
+    /// fraction of pairs with a longer chosen minus the fraction with a shorter one.
+    Report {
+        #[arg(long)]
+        dataset: PathBuf,
+    },
+    /// Subsample so chosen is longer in as many pairs as it is shorter.
+    BalanceLength {
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
 #[derive(clap::Args)]
 struct SamplingArgs {
     /// 0 = greedy.
@@ -208,6 +230,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let outcome = leash::lab::run_lab(&experiment, &output_dir, &cfg)?;
             println!("{}\nreport: {}", outcome.verdict, outcome.report.display());
+        }
+        Command::Data { action } => {
+            let report = match action {
+                DataAction::Report { dataset } => leash::data::length::length_report(&dataset)?,
+                DataAction::BalanceLength { dataset, output } => {
+                    leash::data::length::balance_length(&dataset, &output)?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Demo { output_dir, small } => {
             let cfg = if small {

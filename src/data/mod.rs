@@ -2,6 +2,7 @@
 
 pub mod collate;
 pub mod encode;
+pub mod length;
 pub mod read;
 pub mod template;
 pub mod tokenizer;
