@@ -29,12 +29,23 @@ pub struct Scored {
 
 /// Runs the decoder and scores every completion token in `batch`.
 pub fn score(model: &Decoder, batch: &Collated) -> Result<Scored> {
+    score_at_temperature(model, batch, 1.0)
+}
+
+/// As [`score`], with the logits divided by `temperature` first (TRL's GRPO scores the
+/// policy and the reference at the sampling temperature).
+pub fn score_at_temperature(model: &Decoder, batch: &Collated, temperature: f64) -> Result<Scored> {
     let hidden = model.forward_hidden(&batch.input)?; // (b, t, c)
     let device = hidden.device().clone();
     let c = hidden.dim(D::Minus1)?;
     let rows = Tensor::new(batch.score_rows.as_slice(), &device)?;
     let picked = hidden.reshape(((), c))?.index_select(&rows, 0)?; // (n, c)
     let logits = picked.matmul(&model.lm_head().t()?)?; // (n, v)
+    let logits = if temperature == 1.0 {
+        logits
+    } else {
+        (logits / temperature)?
+    };
     let targets = Tensor::new(batch.targets.as_slice(), &device)?;
     let token_logps = token_logprobs(&logits, &targets)?; // (n,)
     let completion: Vec<f32> = batch
@@ -72,4 +83,59 @@ pub fn segment_sum(
     let select =
         Tensor::from_vec(select, (n_segments, n), values.device())?.to_dtype(values.dtype())?;
     select.matmul(&values.unsqueeze(1)?)?.squeeze(1) // (s,)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::encode::Sequence;
+    use crate::model::weights::{RandomInit, Weights};
+    use crate::model::ModelConfig;
+    use candle_core::{DType, Device};
+
+    /// Scoring at temperature T equals log_softmax(logits / T) gathered and summed by hand.
+    #[test]
+    fn temperature_divides_the_logits() {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type":"llama","vocab_size":11,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":1,"num_attention_heads":2}"#,
+            std::path::Path::new("config.json"),
+        )
+        .unwrap();
+        let init = RandomInit {
+            seed: 3,
+            std: 0.5,
+            norm_jitter: 0.0,
+            bias_std: 0.0,
+            dtype: DType::F32,
+        };
+        let model = Decoder::from_weights(cfg, &Weights::random(init, &Device::Cpu)).unwrap();
+        let seq = Sequence {
+            ids: vec![1, 4, 7, 2, 9],
+            loss_start: 2,
+        };
+        let batch = crate::data::collate::collate(&[&seq], 0, None, &[], &Device::Cpu).unwrap();
+        let got = score_at_temperature(&model, &batch, 0.7)
+            .unwrap()
+            .seq_logps
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        let hidden = model
+            .forward_hidden(&batch.input)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let logits = hidden
+            .matmul(&model.lm_head().t().unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut expected = 0.0f64;
+        for t in 2..seq.ids.len() {
+            let row: Vec<f64> = logits[t - 1].iter().map(|&x| x as f64 / 0.7).collect();
+            let max = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            expected += row[seq.ids[t] as usize] - lse;
+        }
+        assert!((got as f64 - expected).abs() < 1e-5, "{got} vs {expected}");
+    }
 }

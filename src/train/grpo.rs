@@ -35,7 +35,7 @@ use crate::eval::judge::{builtin_score, score_rows, Item};
 use crate::loss::grpo::{
     advantages, grpo_loss, GrpoInputs, GrpoLossType, GrpoOptions, ScaleRewards,
 };
-use crate::loss::logps::score;
+use crate::loss::logps::score_at_temperature;
 use crate::loss::token_logprob::row_stats;
 use crate::model::Decoder;
 use crate::scoring::load_model;
@@ -287,12 +287,20 @@ fn rollout(
             })
             .collect();
         let old = if cfg.num_iterations > 1 {
-            Some(score(m.sampler, &batch)?.token_logps.detach())
+            Some(
+                score_at_temperature(m.sampler, &batch, cfg.temperature)?
+                    .token_logps
+                    .detach(),
+            )
         } else {
             None
         };
         let reference = match m.reference {
-            Some(r) => Some(score(r, &batch)?.token_logps.detach()),
+            Some(r) => Some(
+                score_at_temperature(r, &batch, cfg.temperature)?
+                    .token_logps
+                    .detach(),
+            ),
             None => None,
         };
         micro.push(Micro {
@@ -451,7 +459,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut step_loss = 0.0;
         for mb in &batch.micro {
-            let scored = score(&policy, &mb.batch)?;
+            let scored = score_at_temperature(&policy, &mb.batch, cfg.temperature)?;
             let out = grpo_loss(
                 &GrpoInputs {
                     logps: &scored.token_logps,
