@@ -16,6 +16,7 @@ use crate::loss::logps::score;
 use crate::model::lora::{init_adapters, select_targets};
 use crate::model::weights::{RandomInit, Weights};
 use crate::model::{Decoder, ModelConfig};
+use crate::train::grads::GradAccumulator;
 use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 
 /// The bench config of ../shared/notes/candle-training.md, and a SmolLM-135M-shaped model.
@@ -275,15 +276,7 @@ fn time_grpo_step(base: &Decoder, cfg: &ModelConfig, steps: usize) -> Result<(f6
             },
         )?;
         let store = out.loss.backward()?;
-        let mut grads: Vec<Tensor> = vars
-            .iter()
-            .map(|(_, v)| {
-                store
-                    .get(v)
-                    .cloned()
-                    .map_or_else(|| v.as_tensor().zeros_like(), Ok)
-            })
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads = GradAccumulator::of(&store, &vars)?;
         clip_grad_norm(&mut grads, 1.0)?;
         opt.step(&vars, &grads, 1e-6)?;
         if i > 0 {
@@ -357,15 +350,7 @@ fn time_dpo_step(
             },
         )?;
         let store = out.loss.backward()?;
-        let mut grads: Vec<Tensor> = vars
-            .iter()
-            .map(|(_, v)| {
-                store
-                    .get(v)
-                    .cloned()
-                    .map_or_else(|| v.as_tensor().zeros_like(), Ok)
-            })
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads = GradAccumulator::of(&store, vars)?;
         clip_grad_norm(&mut grads, 1.0)?;
         opt.step(vars, &grads, 1e-6)
     })

@@ -21,6 +21,7 @@ use crate::loss::logps::score;
 use crate::model::ForwardInput;
 use crate::report::plot::{line_plot, metric_series, Series};
 use crate::train::config::{resolve, Method};
+use crate::train::grads::GradAccumulator;
 use crate::train::trainer::train;
 
 pub const EXPERIMENTS: &[&str] = &[
@@ -267,16 +268,7 @@ impl Lab {
         };
         let (loss, before) = loss_at(&policy)?;
         let grads = loss.backward()?;
-        let g: Vec<Tensor> = vars
-            .iter()
-            .map(|(_, v)| {
-                grads.get(v).cloned().unwrap_or_else(|| {
-                    v.as_tensor()
-                        .zeros_like()
-                        .unwrap_or_else(|_| v.as_tensor().clone())
-                })
-            })
-            .collect();
+        let g = GradAccumulator::of(&grads, &vars)?;
         let norm2: f64 = g
             .iter()
             .map(|t| {

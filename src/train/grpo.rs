@@ -9,7 +9,6 @@
 //! per_device_train_batch_size × gradient_accumulation_steps completions, i.e. that many
 //! ÷ num_generations prompts.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -20,11 +19,12 @@ use serde_json::{Map, Value};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
 use super::config::TrainConfig;
+use super::grads::GradAccumulator;
 use super::metrics::{human_line, Accumulator, MetricsLog};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 use super::policy::{build_policy, save_weights, Policy};
 use super::schedule::{lr_factor, warmup_steps};
-use super::trainer::{check_output_dir, install_ctrl_c, TrainSummary, INTERRUPTED};
+use super::trainer::{check_output_dir, checkpoint_or_stop, install_ctrl_c, TrainSummary};
 use crate::data::collate::{collate, Collated};
 use crate::data::encode::Sequence;
 use crate::data::tokenizer::TextTokenizer;
@@ -456,7 +456,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         // Learning: one optimizer step over every micro-batch of the rollout.
         let t1 = Instant::now();
         let scale = 1.0 / batch.micro.len() as f64;
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut grads = GradAccumulator::new(vars.len());
         let mut step_loss = 0.0;
         for mb in &batch.micro {
             let scored = score_at_temperature(&policy, &mb.batch, cfg.temperature)?;
@@ -482,14 +482,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             }
             step_loss += value;
             let store = loss.backward()?;
-            for (g, (_, var)) in grads.iter_mut().zip(&vars) {
-                if let Some(new) = store.get(var) {
-                    *g = Some(match g.take() {
-                        Some(old) => (old + new)?,
-                        None => new.clone(),
-                    });
-                }
-            }
+            grads.add(&store, &vars)?;
             let stats = row_stats(&scored.logits.detach(), &mb.batch.targets)?;
             let (ent, cnt) = stats
                 .iter()
@@ -505,11 +498,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             acc.add_one("clip_ratio/high_mean", out.clip_high);
             acc.add_one("clip_ratio/region_mean", out.clip_region);
         }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads = grads.finish(&vars)?;
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         let lr = cfg.learning_rate * lr_factor(&cfg.lr_scheduler_type, step, warmup, total);
         opt.step(&vars, &grads, lr)?;
@@ -535,26 +524,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             bar.println(human_line(&record));
             log.write(&record)?;
         }
-        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        if state.global_step.is_multiple_of(cfg.save_steps) || done || interrupted {
-            let dir = save_checkpoint(&cfg.output_dir, &save_final, &vars, &opt, &state)?;
-            bar.set_message(format!("saved {}", dir.display()));
-        }
-        if interrupted {
-            bar.abandon();
-            return Err(LeashError::Stopped {
-                message: format!(
-                    "interrupted at step {}; checkpoint saved",
-                    state.global_step
-                ),
-                hint: format!(
-                    "continue with --resume-from-checkpoint {}",
-                    cfg.output_dir
-                        .join(format!("checkpoint-{}", state.global_step))
-                        .display()
-                ),
-            });
-        }
+        checkpoint_or_stop(cfg, &save_final, &vars, &opt, &state, done, &bar)?;
     }
     bar.finish_and_clear();
     save_final(&cfg.output_dir)?;

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod examples;
+pub mod grads;
 pub mod grpo;
 pub mod metrics;
 pub mod optimizer;

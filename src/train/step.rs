@@ -192,24 +192,24 @@ fn reference_logps(
     }
 }
 
-fn pairs<'e>(
-    examples: &[(usize, &'e TrainExample)],
-) -> (Vec<&'e PromptCompletion>, Vec<&'e PromptCompletion>) {
-    examples
+/// The pairs' chosen sequences stacked above their rejected ones (TRL's batch layout).
+fn pair_sequences(examples: &[(usize, &TrainExample)], max_length: usize) -> Vec<Sequence> {
+    let (chosen, rejected): (Vec<&PromptCompletion>, Vec<&PromptCompletion>) = examples
         .iter()
         .filter_map(|(_, e)| match e {
             TrainExample::Pair { chosen, rejected } => Some((chosen, rejected)),
             _ => None,
         })
-        .unzip()
+        .unzip();
+    let mut seqs = sequences(&chosen, max_length);
+    seqs.extend(sequences(&rejected, max_length));
+    seqs
 }
 
 fn dpo(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Result<MicroOutput> {
     let cfg = ctx.cfg;
     let p = examples.len();
-    let (chosen, rejected) = pairs(examples);
-    let mut seqs = sequences(&chosen, cfg.max_length);
-    seqs.extend(sequences(&rejected, cfg.max_length));
+    let seqs = pair_sequences(examples, cfg.max_length);
     let b = batch(ctx, &seqs, &[])?;
     let scored = score(ctx.policy, &b)?;
     let (ref_c, ref_r) = reference_logps(ctx, examples, &b, None)?;
@@ -355,9 +355,7 @@ fn kto(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Re
 fn orpo(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Result<MicroOutput> {
     let cfg = ctx.cfg;
     let p = examples.len();
-    let (chosen, rejected) = pairs(examples);
-    let mut seqs = sequences(&chosen, cfg.max_length);
-    seqs.extend(sequences(&rejected, cfg.max_length));
+    let seqs = pair_sequences(examples, cfg.max_length);
     let score_prompt: Vec<bool> = (0..2 * p).map(|i| i < p).collect();
     let b = batch(ctx, &seqs, &score_prompt)?;
     let scored = score(ctx.policy, &b)?;

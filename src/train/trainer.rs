@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
 use super::config::{Method, TrainConfig};
 use super::examples::{prepare, to_sequence, Prepared, TrainExample};
+use super::grads::GradAccumulator;
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 use super::policy::{build_policy, save_weights, Policy};
@@ -38,6 +39,40 @@ pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 pub(crate) fn install_ctrl_c() {
     // Errors only if a handler is already installed (e.g. a second run in one process).
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+}
+
+/// Saves a checkpoint every `save_steps`, at the end, and on Ctrl-C; after Ctrl-C returns
+/// the error that ends the run with a hint to resume. Shared by the offline and GRPO loops.
+pub(crate) fn checkpoint_or_stop(
+    cfg: &TrainConfig,
+    save: &dyn Fn(&std::path::Path) -> Result<()>,
+    vars: &[(String, candle_core::Var)],
+    opt: &AdamW,
+    state: &TrainerState,
+    done: bool,
+    bar: &ProgressBar,
+) -> Result<()> {
+    let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+    if state.global_step.is_multiple_of(cfg.save_steps) || done || interrupted {
+        let dir = save_checkpoint(&cfg.output_dir, save, vars, opt, state)?;
+        bar.set_message(format!("saved {}", dir.display()));
+    }
+    if interrupted {
+        bar.abandon();
+        return Err(LeashError::Stopped {
+            message: format!(
+                "interrupted at step {}; checkpoint saved",
+                state.global_step
+            ),
+            hint: format!(
+                "continue with --resume-from-checkpoint {}",
+                cfg.output_dir
+                    .join(format!("checkpoint-{}", state.global_step))
+                    .display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Batches of example positions for optimizer step `step`: epochs are (seeded-shuffled or
@@ -220,7 +255,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             pad_id: tokenizer.pad_id,
             device: &device,
         };
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut grads = GradAccumulator::new(vars.len());
         let mut step_loss = 0.0f64;
         for positions in &batches {
             let examples: Vec<(usize, &TrainExample)> = positions
@@ -238,22 +273,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             }
             step_loss += value;
             let store = out.loss.backward()?;
-            for (g, (_, var)) in grads.iter_mut().zip(&vars) {
-                if let Some(new) = store.get(var) {
-                    *g = Some(match g.take() {
-                        Some(old) => (old + new)?,
-                        None => new.clone(),
-                    });
-                }
-            }
+            grads.add(&store, &vars)?;
             acc.add(&out.metrics);
             state.total_tokens += out.tokens;
         }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads = grads.finish(&vars)?;
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         let lr = cfg.learning_rate * lr_factor(&cfg.lr_scheduler_type, step, warmup, total);
         opt.step(&vars, &grads, lr)?;
@@ -309,26 +333,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 log.write(&record)?;
             }
         }
-        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        if state.global_step.is_multiple_of(cfg.save_steps) || done || interrupted {
-            let dir = save_checkpoint(&cfg.output_dir, &save, &vars, &opt, &state)?;
-            bar.set_message(format!("saved {}", dir.display()));
-        }
-        if interrupted {
-            bar.abandon();
-            return Err(LeashError::Stopped {
-                message: format!(
-                    "interrupted at step {}; checkpoint saved",
-                    state.global_step
-                ),
-                hint: format!(
-                    "continue with --resume-from-checkpoint {}",
-                    cfg.output_dir
-                        .join(format!("checkpoint-{}", state.global_step))
-                        .display()
-                ),
-            });
-        }
+        checkpoint_or_stop(cfg, &save, &vars, &opt, &state, done, &bar)?;
     }
     bar.finish_and_clear();
     save(&cfg.output_dir)?;
