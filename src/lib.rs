@@ -1,6 +1,7 @@
 //! leash: align language models to human preferences (SFT, DPO, IPO, KTO, ORPO, LoRA, GRPO)
 //! on candle, reproducing Hugging Face TRL's numbers.
 
+pub mod allocator;
 pub mod bench;
 pub mod data;
 pub mod demo;

@@ -388,6 +388,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    if std::env::var_os("LEASH_SYSTEM_ALLOCATOR").is_none() {
+        leash::allocator::keep_freed_memory();
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
