@@ -3,6 +3,7 @@
 pub mod collate;
 pub mod encode;
 pub mod length;
+pub mod pack;
 pub mod read;
 pub mod template;
 pub mod tokenizer;

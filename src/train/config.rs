@@ -143,6 +143,11 @@ pub struct TrainArgs {
     /// needs no reference model in memory. Default false.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub precompute_ref_log_probs: Option<bool>,
+    /// Score without padding: a pair's shared prompt is encoded once and sequences are packed
+    /// into rows that never see each other (exact: same log-probs). ORPO always pads.
+    /// Default true (TRL's default is false; there it changes results, here it does not).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub padding_free: Option<bool>,
     /// Train a LoRA adapter instead of all weights; the frozen base (adapter off) is the reference.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_peft: Option<bool>,
@@ -243,6 +248,7 @@ pub struct TrainConfig {
     pub desirable_weight: f64,
     pub undesirable_weight: f64,
     pub precompute_ref_log_probs: bool,
+    pub padding_free: bool,
     pub use_peft: bool,
     pub lora_r: usize,
     pub lora_alpha: f64,
@@ -297,6 +303,7 @@ fn defaults(method: Method) -> Value {
         "desirable_weight": 1.0,
         "undesirable_weight": 1.0,
         "precompute_ref_log_probs": false,
+        "padding_free": true,
         "use_peft": false,
         "lora_r": 16,
         "lora_alpha": 32.0,

@@ -12,6 +12,7 @@ use super::examples::{to_sequence, Prepared, TrainExample};
 use super::step::RefLogps;
 use crate::data::collate::collate;
 use crate::data::encode::Sequence;
+use crate::data::pack::collate_packed;
 use crate::error::{read_text, LeashError, Result};
 use crate::loss::logps::score;
 use crate::model::Decoder;
@@ -62,7 +63,12 @@ pub fn reference_cache(
             }
         }
         let all: Vec<&Sequence> = first.iter().chain(&second).collect();
-        let batch = collate(&all, pad_id, reference.config.sliding_window, &[], &device)?;
+        let window = reference.config.sliding_window;
+        let batch = if cfg.padding_free {
+            collate_packed(&all, pad_id, window, true, &device)?
+        } else {
+            collate(&all, pad_id, window, &[], &device)?
+        };
         let lp: Vec<f32> = score(reference, &batch)?.seq_logps.to_vec1()?;
         let p = chunk.len();
         for (k, &i) in chunk.iter().enumerate() {

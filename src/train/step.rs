@@ -11,6 +11,7 @@ use super::config::{Method, TrainConfig};
 use super::examples::{to_sequence, TrainExample};
 use crate::data::collate::{collate, Collated};
 use crate::data::encode::{PromptCompletion, Sequence};
+use crate::data::pack::collate_packed;
 use crate::error::Result;
 use crate::loss::dpo::{dpo_loss, DpoLossType, DpoOptions, PairLogps};
 use crate::loss::kto::{kto_loss, KtoOptions};
@@ -58,8 +59,19 @@ fn sequences(pcs: &[&PromptCompletion], max_length: usize) -> Vec<Sequence> {
     pcs.iter().map(|pc| to_sequence(pc, max_length)).collect()
 }
 
+/// Collates `seqs`: padding-free (shared prompts, packed rows) unless prompt tokens are
+/// scored (ORPO), whose metrics are defined on the padded layout.
 fn batch(ctx: &StepContext, seqs: &[Sequence], score_prompt: &[bool]) -> Result<Collated> {
     let refs: Vec<&Sequence> = seqs.iter().collect();
+    if ctx.cfg.padding_free && score_prompt.is_empty() {
+        return Ok(collate_packed(
+            &refs,
+            ctx.pad_id,
+            ctx.policy.config.sliding_window,
+            true,
+            ctx.device,
+        )?);
+    }
     Ok(collate(
         &refs,
         ctx.pad_id,
