@@ -29,7 +29,7 @@ use rayon::prelude::*;
 
 /// Rows per rayon task for row-wise kernels, and rows per partial sum of dw (fixed so the
 /// summation order, hence the result, does not depend on scheduling).
-const ROWS_PER_TASK: usize = 32;
+pub(super) const ROWS_PER_TASK: usize = 32;
 /// Elements per rayon task for element-wise kernels.
 const ELEMS_PER_TASK: usize = 16 * 1024;
 
@@ -91,7 +91,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The contiguous f32 data of one op input.
-fn data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+pub(super) fn data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(d) = s else {
         candle_core::bail!("{op}: expected f32, got {:?}", s.dtype())
     };
@@ -265,12 +265,15 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?))
+        Ok(Some(y.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &SoftmaxGrad { scale: 1.0 },
+        )?))
     }
 }
 
 /// Σ x with 8 independent accumulators.
-fn sum(xs: &[f32]) -> f32 {
+pub(super) fn sum(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);
     let rest = chunks.remainder();
@@ -282,7 +285,10 @@ fn sum(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
-struct SoftmaxGrad;
+/// dx = scale · y ⊙ (g − Σ g ⊙ y): the backward of softmax(scale · x + constant).
+pub(super) struct SoftmaxGrad {
+    pub(super) scale: f32,
+}
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
@@ -309,7 +315,7 @@ impl CustomOp2 for SoftmaxGrad {
             .for_each(|(dx, (y, g))| {
                 let s = dot(g, y);
                 for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                    *dx = y * (g - s);
+                    *dx = self.scale * y * (g - s);
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))

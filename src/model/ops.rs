@@ -165,6 +165,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_co
     let scale = 1.0 / (d as f64).sqrt();
     let q = q.contiguous()?.reshape((b, hkv, rep * t, d))?;
     let mask = mask.to_dtype(q.dtype())?;
+    if fused::applies(&q) {
+        let scores = q.matmul(&k.contiguous()?.t()?)?; // (b, hkv, rep*t, s)
+        let probs = super::masked_softmax::masked_softmax(&scores, &mask, scale)?;
+        return probs.matmul(&v.contiguous()?)?.reshape((b, hq, t, d));
+    }
     let mask = if rep > 1 {
         mask.unsqueeze(2)?
             .broadcast_as((b, 1, rep, t, s))?
