@@ -3,15 +3,17 @@
 //! (and a human line on stderr). FLOPs: 2·N·tokens per forward over the matmul parameters N
 //! (lm_head included) plus attention 4·t²·d per layer and sequence; a training step is 3×.
 
+mod ceiling;
+mod steps;
+
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde_json::json;
 
 use crate::data::collate::collate;
 use crate::data::encode::Sequence;
 use crate::error::Result;
-use crate::loss::dpo::{dpo_loss, DpoLossType, DpoOptions, PairLogps};
 use crate::loss::logps::score;
 use crate::model::lora::{init_adapters, select_targets};
 use crate::model::weights::{RandomInit, Weights};
@@ -92,25 +94,51 @@ fn token_sequences(
         .collect()
 }
 
-/// Runs the measurements of `what` (forward, dpo, generate, grpo, all, dpo-lora) on `shape_name`.
+/// Runs the measurements of `what` (matmul, forward, train, dpo, generate, grpo, all,
+/// dpo-lora) on `shape_name`. Training figures carry the matmul ceiling measured first.
 pub fn run(
     shape_name: &str,
     what: &str,
     steps: usize,
     mut emit: impl FnMut(serde_json::Value),
 ) -> Result<()> {
+    const WHATS: &[&str] = &[
+        "matmul", "forward", "train", "dpo", "generate", "grpo", "all", "dpo-lora",
+    ];
+    if !WHATS.contains(&what) {
+        return Err(crate::LeashError::usage(
+            format!("unknown bench `{what}`"),
+            format!("valid: {}", WHATS.join(", ")),
+        ));
+    }
     let cfg = shape(shape_name)?;
     let threads = candle_core::utils::get_num_threads();
+    let is = |w: &str| what == w || what == "all";
+    let ceiling = if what == "generate" || what == "grpo" {
+        None
+    } else {
+        let c = ceiling::matmul_ceiling(&cfg)?;
+        emit(
+            json!({"bench": "matmul ceiling", "shape": shape_name, "threads": threads,
+            "tokens_per_s": 0.0, "gflops_per_s": c}),
+        );
+        Some(c)
+    };
+    if what == "matmul" {
+        return Ok(());
+    }
     let base = random_model(&cfg)?;
     let device = Device::Cpu;
     let report = |name: &str, secs: f64, tokens: usize, flops: f64| {
+        let gflops = flops / secs / 1e9;
         json!({
             "bench": name, "shape": shape_name, "threads": threads, "seconds_per_step": secs,
             "tokens_per_step": tokens, "tokens_per_s": tokens as f64 / secs,
-            "gflops_per_s": flops / secs / 1e9,
+            "gflops_per_s": gflops, "matmul_ceiling_gflops": ceiling,
+            "fraction_of_ceiling": ceiling.map(|c| gflops / c),
         })
     };
-    if what == "forward" || what == "all" {
+    if is("forward") {
         // 8 sequences × 256 tokens, every token scored (log-softmax + gather included).
         let seqs = token_sequences(cfg.vocab_size, 8, 1, 255, 0);
         let refs: Vec<&Sequence> = seqs.iter().collect();
@@ -119,32 +147,50 @@ pub fn run(
             score(&base, &batch)?.seq_logps.to_vec1::<f32>()?;
             Ok(())
         })?;
-        emit(report(
-            "forward+logps",
-            secs,
-            8 * 256,
-            flops_forward(&cfg, 8, 256),
-        ));
+        let flops = steps::forward_flops(&cfg, &batch);
+        emit(report("forward+logps", secs, 8 * 256, flops));
     }
-    if what == "dpo" || what == "all" {
-        // TRL's timed workload: 8 pairs, 128-token prompts, 128-token completions.
+    if is("train") {
         let (policy, vars) = base.to_trainable()?;
-        for (name, live) in [
-            ("dpo_step(ref cached)", false),
-            ("dpo_step(ref model)", true),
-        ] {
-            let reference = if live { Some(&base) } else { None };
-            let secs = time_dpo_step(&policy, &vars, reference, &cfg, steps)?;
-            let fwd = flops_forward(&cfg, 16, 256);
-            emit(with_rss(report(
-                name,
-                secs,
-                16 * 256,
-                3.0 * fwd + if live { fwd } else { 0.0 },
-            )));
+        // forward + backward of the same 8 × 256 fully scored tokens, no optimizer.
+        let seqs = token_sequences(cfg.vocab_size, 8, 1, 255, 0);
+        let batch = steps::layout(&seqs, false)?;
+        let secs = steps::time_forward_backward(&policy, &batch, steps)?;
+        let flops = 3.0 * steps::forward_flops(&cfg, &batch);
+        emit(with_rss(report("forward+backward", secs, 8 * 256, flops)));
+        // SFT: 8 × (128-token prompt + 128-token completion), prompt masked, clip + AdamW.
+        let seqs = token_sequences(cfg.vocab_size, 8, 128, 128, 0);
+        let batch = steps::layout(&seqs, false)?;
+        let secs = steps::time_sft_step(&policy, &vars, &batch, steps)?;
+        let flops = 3.0 * steps::forward_flops(&cfg, &batch);
+        emit(with_rss(report("sft_step", secs, 8 * 256, flops)));
+    }
+    if is("dpo") {
+        // TRL's timed workload: 8 pairs, 128-token prompts, 128-token completions; tokens
+        // counted as TRL counts them (chosen + rejected sequences).
+        let (policy, vars) = base.to_trainable()?;
+        let seqs = steps::pair_sequences(cfg.vocab_size, 8, 128, 128);
+        for padding_free in [false, true] {
+            let batch = steps::layout(&seqs, padding_free)?;
+            let fwd = steps::forward_flops(&cfg, &batch);
+            for live in [false, true] {
+                let reference = if live { Some(&base) } else { None };
+                let secs = steps::time_dpo_step(&policy, &vars, reference, &batch, steps)?;
+                let name = format!(
+                    "dpo_step({}, ref {})",
+                    if padding_free {
+                        "shared prompt"
+                    } else {
+                        "padded"
+                    },
+                    if live { "model" } else { "cached" }
+                );
+                let flops = 3.0 * fwd + if live { fwd } else { 0.0 };
+                emit(with_rss(report(&name, secs, 16 * 256, flops)));
+            }
         }
     }
-    if what == "generate" || what == "all" {
+    if is("generate") {
         // 4 samples of 128 new tokens after a 32-token prompt, with and without the KV cache.
         use crate::eval::generate::{generate, SamplingOptions};
         use rand::SeedableRng;
@@ -166,7 +212,7 @@ pub fn run(
             emit(report(name, secs, 4 * 128, 0.0));
         }
     }
-    if what == "grpo" || what == "all" {
+    if is("grpo") {
         let (sampling, training, tokens) = time_grpo_step(&base, &cfg, steps)?;
         let secs = sampling + training;
         let mut v = report(
@@ -187,12 +233,15 @@ pub fn run(
         let targets = select_targets(&modules, &["all-linear".to_string()])?;
         let (vars, adapters) = init_adapters(&targets, 16, 32.0, 0.0, 1, &device)?;
         let policy = base.with_adapters(&adapters)?;
-        let secs = time_dpo_step(&policy, &vars, Some(&base), &cfg, steps)?;
-        let fwd = flops_forward(&cfg, 16, 256);
+        let seqs = steps::pair_sequences(cfg.vocab_size, 8, 128, 128);
+        let batch = steps::layout(&seqs, true)?;
+        let secs = steps::time_dpo_step(&policy, &vars, Some(&base), &batch, steps)?;
+        let fwd = steps::forward_flops(&cfg, &batch);
         emit(with_rss(report(
-            "dpo_step(lora r16, ref = adapter off)",
+            "dpo_step(lora r16, shared prompt, ref = adapter off)",
             secs,
             16 * 256,
+            // Reference forward + policy forward + a backward with no base-weight gradients.
             3.0 * fwd,
         )));
     }
@@ -298,60 +347,4 @@ pub fn peak_rss_mib() -> Option<f64> {
 fn with_rss(mut v: serde_json::Value) -> serde_json::Value {
     v["peak_rss_mib"] = json!(peak_rss_mib());
     v
-}
-
-/// Median seconds of one DPO step (policy forward+backward, clip, AdamW), with the
-/// reference scored by `reference` each step or taken from a cache when `None`.
-fn time_dpo_step(
-    policy: &Decoder,
-    vars: &[(String, candle_core::Var)],
-    reference: Option<&Decoder>,
-    cfg: &ModelConfig,
-    steps: usize,
-) -> Result<f64> {
-    let device = Device::Cpu;
-    let mut opt = AdamW::new(
-        vars,
-        AdamWSettings {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    );
-    let mut seqs = token_sequences(cfg.vocab_size, 8, 128, 128, 0);
-    seqs.extend(token_sequences(cfg.vocab_size, 8, 128, 128, 17));
-    let refs: Vec<&Sequence> = seqs.iter().collect();
-    let batch = collate(&refs, 0, None, &[], &device)?;
-    let cached = Tensor::zeros(8, DType::F32, &device)?.affine(1.0, -300.0)?;
-    let counts = Tensor::full(128f32, 8, &device)?;
-    time(steps, || {
-        let (ref_c, ref_r) = match reference {
-            Some(r) => {
-                let r = score(r, &batch)?.seq_logps;
-                (r.narrow(0, 0, 8)?, r.narrow(0, 8, 8)?)
-            }
-            None => (cached.clone(), cached.clone()),
-        };
-        let s = score(policy, &batch)?;
-        let out = dpo_loss(
-            &PairLogps {
-                chosen: &s.seq_logps.narrow(0, 0, 8)?,
-                rejected: &s.seq_logps.narrow(0, 8, 8)?,
-                ref_chosen: &ref_c,
-                ref_rejected: &ref_r,
-                chosen_tokens: &counts,
-                rejected_tokens: &counts,
-            },
-            &DpoOptions {
-                beta: 0.1,
-                loss_type: DpoLossType::Sigmoid,
-                label_smoothing: 0.0,
-            },
-        )?;
-        let store = out.loss.backward()?;
-        let mut grads = GradAccumulator::of(&store, vars)?;
-        clip_grad_norm(&mut grads, 1.0)?;
-        opt.step(vars, &grads, 1e-6)
-    })
 }

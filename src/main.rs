@@ -131,8 +131,10 @@ enum Command {
         /// Model shape: bench (the notes' 5.3 M-parameter Llama) or smollm-135m.
         #[arg(long, default_value = "bench")]
         shape: String,
-        /// What to time: forward, dpo, generate, grpo (sampling vs learning split), all, or dpo-lora (run dpo and dpo-lora as separate
-        /// processes to compare their peak memory).
+        /// What to time: matmul (the ceiling), forward, train (forward+backward, SFT step), dpo
+        /// (padded vs shared prompt, reference cached vs live), generate, grpo (sampling vs
+        /// learning split), all, or dpo-lora (run dpo and dpo-lora as separate processes to
+        /// compare their peak memory).
         #[arg(long, default_value = "all")]
         what: String,
         /// Timed steps (after one warm-up); the median is reported.
