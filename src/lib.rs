@@ -1,7 +1,6 @@
 //! leash: align language models to human preferences (SFT, DPO, IPO, KTO, ORPO, LoRA, GRPO)
 //! on candle, reproducing Hugging Face TRL's numbers.
 
-pub mod allocator;
 pub mod bench;
 pub mod data;
 pub mod demo;
@@ -12,6 +11,7 @@ pub mod loss;
 pub mod merge;
 pub mod model;
 pub mod report;
+pub mod runtime;
 pub mod scoring;
 pub mod train;
 

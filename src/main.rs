@@ -390,9 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    if std::env::var_os("LEASH_SYSTEM_ALLOCATOR").is_none() {
-        leash::allocator::keep_freed_memory();
-    }
+    leash::runtime::configure_process();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
