@@ -29,7 +29,7 @@ use rayon::prelude::*;
 
 /// Rows per rayon task for row-wise kernels, and rows per partial sum of dw (fixed so the
 /// summation order, hence the result, does not depend on scheduling).
-pub(super) const ROWS_PER_TASK: usize = 32;
+const ROWS_PER_TASK: usize = 32;
 /// Elements per rayon task for element-wise kernels.
 const ELEMS_PER_TASK: usize = 16 * 1024;
 
@@ -102,7 +102,7 @@ pub(super) fn data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::
 }
 
 /// Σ a_i·b_i with 8 independent accumulators (vectorises; same spirit as candle's `vec_sum`).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -265,10 +265,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(
-            &g.contiguous()?,
-            &SoftmaxGrad { scale: 1.0 },
-        )?))
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?))
     }
 }
 
@@ -285,10 +282,7 @@ pub(super) fn sum(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
-/// dx = scale · y ⊙ (g − Σ g ⊙ y): the backward of softmax(scale · x + constant).
-pub(super) struct SoftmaxGrad {
-    pub(super) scale: f32,
-}
+struct SoftmaxGrad;
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
@@ -315,7 +309,7 @@ impl CustomOp2 for SoftmaxGrad {
             .for_each(|(dx, (y, g))| {
                 let s = dot(g, y);
                 for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                    *dx = self.scale * y * (g - s);
+                    *dx = y * (g - s);
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))

@@ -3,11 +3,11 @@
 pub mod cache;
 pub mod config;
 pub mod fused;
+pub mod fused_attention;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
 pub mod lora;
-pub mod masked_softmax;
 pub mod ops;
 pub mod params;
 pub mod weights;

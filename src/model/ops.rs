@@ -158,6 +158,20 @@ pub fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_cor
 /// q: (b, hq, t, d); k, v: (b, hkv, s, d); mask: (b, 1, t, s) additive (0 or large negative).
 /// Returns (b, hq, t, d).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    if fused::applies(q) && fused::applies(k) && fused::applies(v) && fused::applies(mask) {
+        let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+        return super::fused_attention::attention(q, k, v, mask, scale);
+    }
+    attention_composed(q, k, v, mask)
+}
+
+/// Reference path of [`attention`], composed from candle ops.
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
     let (b, hq, t, d) = q.dims4()?;
     let hkv = k.dim(1)?;
     let s = k.dim(2)?;
@@ -165,11 +179,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_co
     let scale = 1.0 / (d as f64).sqrt();
     let q = q.contiguous()?.reshape((b, hkv, rep * t, d))?;
     let mask = mask.to_dtype(q.dtype())?;
-    if fused::applies(&q) {
-        let scores = q.matmul(&k.contiguous()?.t()?)?; // (b, hkv, rep*t, s)
-        let probs = super::masked_softmax::masked_softmax(&scores, &mask, scale)?;
-        return probs.matmul(&v.contiguous()?)?.reshape((b, hq, t, d));
-    }
     let mask = if rep > 1 {
         mask.unsqueeze(2)?
             .broadcast_as((b, 1, rep, t, s))?

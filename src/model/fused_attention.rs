@@ -1,0 +1,366 @@
+//! Scaled dot-product attention as one graph node with its own backward, on the CPU in f32.
+//!
+//! Why: composed from candle ops, attention is five nodes per layer (q·kᵀ, scale, mask,
+//! softmax, p·v) plus layout copies, each a full pass over the (b·h·t·s) scores with an
+//! allocation, and candle's backward zero-fills a gradient buffer for every edge before
+//! adding into it. Here each (batch, query head) block runs its two products through `gemm`
+//! on slices, the softmax in place, and keeps the probabilities for the backward; the graph
+//! sees one node with three input gradients.
+//!
+//! Per block, with S = scale·Q·Kᵀ + M, P = softmax(S), O = P·V and upstream dO:
+//! dV = Σ_heads Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = scale·dS·K,
+//! dK = Σ_heads scale·dSᵀ·Q — the sums run over the query heads sharing a key/value head
+//! (grouped-query attention). Tested against the composed path in `ops.rs`.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::fused::{data, dot, sum};
+
+/// softmax(scale·q·kᵀ + mask)·v for q (b, hq, t, d), k and v (b, hkv, s, d), mask (b, 1, t, s).
+/// Returns (b, hq, t, d). All f32 on the CPU.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (b, hq, t, d) = q.dims4()?;
+    let (kb, hkv, s, kd) = k.dims4()?;
+    if kb != b || kd != d || v.dims() != k.dims() || hkv == 0 || hq % hkv != 0 {
+        candle_core::bail!(
+            "fused attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    if mask.dims() != [b, 1, t, s] {
+        candle_core::bail!(
+            "fused attention: mask {:?} is not (b, 1, t, s)",
+            mask.dims()
+        )
+    }
+    let dims = Dims {
+        b,
+        hq,
+        hkv,
+        t,
+        s,
+        d,
+    };
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            mask: mask.contiguous()?,
+            scale: scale as f32,
+            dims,
+            probs: Mutex::new(None),
+        },
+    )
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+}
+
+struct Attention {
+    mask: Tensor,
+    scale: f32,
+    dims: Dims,
+    /// P of the last forward, (b, hq, t, s), kept for the backward.
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)` on row-major slices; `*_t` reads the operand
+/// transposed (its storage is n×k or k×m row-major). Single-threaded: blocks run in parallel.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_t: bool,
+    rhs: &[f32],
+    rhs_t: bool,
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+) {
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    // (row stride, column stride) of each operand as stored.
+    let (lrs, lcs) = if lhs_t { (1, m) } else { (k, 1) };
+    let (rrs, rcs) = if rhs_t { (1, k) } else { (n, 1) };
+    // SAFETY: the assert above bounds every index gemm touches (m·n, m·k, k·n elements with
+    // the strides given); the slices do not alias (dst is &mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+fn f32_slice<'a>(storage: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(s) => data(s, l, what),
+        _ => candle_core::bail!("fused attention: {what} must be on the CPU"),
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            data(qs, ql, "attention q")?,
+            data(ks, kl, "attention k")?,
+            data(vs, vl, "attention v")?,
+        );
+        let mask_guard = self.mask.storage_and_layout();
+        let mask = f32_slice(&mask_guard.0, &mask_guard.1, "mask")?;
+        let Dims {
+            b,
+            hq,
+            hkv,
+            t,
+            s,
+            d,
+        } = self.dims;
+        let rep = hq / hkv;
+        let mut probs = vec![0f32; b * hq * t * s];
+        let mut out = vec![0f32; b * hq * t * d];
+        probs
+            .par_chunks_mut(t * s)
+            .zip(out.par_chunks_mut(t * d))
+            .enumerate()
+            .for_each(|(block, (p, o))| {
+                let (batch, head) = (block / hq, block % hq);
+                let kv = (batch * hkv + head / rep) * s * d;
+                let qb = &q[block * t * d..(block + 1) * t * d];
+                matmul(
+                    p,
+                    false,
+                    qb,
+                    false,
+                    &k[kv..kv + s * d],
+                    true,
+                    (t, d, s),
+                    1.0,
+                );
+                for (i, row) in p.chunks_mut(s).enumerate() {
+                    let m = &mask[(batch * t + i) * s..(batch * t + i + 1) * s];
+                    let mut max = f32::NEG_INFINITY;
+                    for (x, &m) in row.iter_mut().zip(m) {
+                        *x = self.scale * *x + m;
+                        max = max.max(*x);
+                    }
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                    }
+                    let total = sum(row);
+                    for x in row.iter_mut() {
+                        *x /= total;
+                    }
+                }
+                matmul(
+                    o,
+                    false,
+                    p,
+                    false,
+                    &v[kv..kv + s * d],
+                    false,
+                    (t, s, d),
+                    1.0,
+                );
+            });
+        if let Ok(mut saved) = self.probs.lock() {
+            *saved = Some(probs);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, hq, t, d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let probs = match self.probs.lock() {
+            Ok(mut saved) => saved.take(),
+            Err(_) => None,
+        };
+        let Some(probs) = probs else {
+            candle_core::bail!("fused attention: backward without a saved forward")
+        };
+        let grad = grad.contiguous()?;
+        let (qg, kg, vg, gg) = (
+            q.storage_and_layout(),
+            k.storage_and_layout(),
+            v.storage_and_layout(),
+            grad.storage_and_layout(),
+        );
+        let q_ = f32_slice(&qg.0, &qg.1, "q")?;
+        let k_ = f32_slice(&kg.0, &kg.1, "k")?;
+        let v_ = f32_slice(&vg.0, &vg.1, "v")?;
+        let g_ = f32_slice(&gg.0, &gg.1, "grad")?;
+        let Dims {
+            b,
+            hq,
+            hkv,
+            t,
+            s,
+            d,
+        } = self.dims;
+        let rep = hq / hkv;
+        let mut dq = vec![0f32; b * hq * t * d];
+        let mut dk = vec![0f32; b * hkv * s * d];
+        let mut dv = vec![0f32; b * hkv * s * d];
+        // One task per (batch, kv head): it owns dK, dV of that head and dQ of its query heads.
+        dk.par_chunks_mut(s * d)
+            .zip(dv.par_chunks_mut(s * d))
+            .zip(dq.par_chunks_mut(rep * t * d))
+            .enumerate()
+            .for_each(|(group, ((dk, dv), dq))| {
+                let kv = group * s * d;
+                let (kb, vb) = (&k_[kv..kv + s * d], &v_[kv..kv + s * d]);
+                let mut ds = vec![0f32; t * s];
+                for r in 0..rep {
+                    let block = group * rep + r;
+                    let p = &probs[block * t * s..(block + 1) * t * s];
+                    let go = &g_[block * t * d..(block + 1) * t * d];
+                    let qb = &q_[block * t * d..(block + 1) * t * d];
+                    // dV += Pᵀ·dO
+                    matmul(dv, r > 0, p, true, go, false, (s, t, d), 1.0);
+                    // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P))
+                    matmul(&mut ds, false, go, false, vb, true, (t, d, s), 1.0);
+                    for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                        let c = dot(dsr, pr);
+                        for (x, &p) in dsr.iter_mut().zip(pr) {
+                            *x = p * (*x - c);
+                        }
+                    }
+                    // dQ = scale·dS·K; dK += scale·dSᵀ·Q
+                    let dqb = &mut dq[r * t * d..(r + 1) * t * d];
+                    matmul(dqb, false, &ds, false, kb, false, (t, s, d), self.scale);
+                    matmul(dk, r > 0, &ds, true, qb, false, (s, t, d), self.scale);
+                }
+            });
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (b, hq, t, d), dev)?),
+            Some(Tensor::from_vec(dk, (b, hkv, s, d), dev)?),
+            Some(Tensor::from_vec(dv, (b, hkv, s, d), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::{attention_composed, MASKED};
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Grouped-query heads (6 query heads on 2 kv heads), a causal mask with a padded row,
+    /// non-contiguous v: output and the gradients of q, k, v equal the composed path's.
+    #[test]
+    fn matches_composed_attention_with_gqa_and_padding() {
+        let (b, hq, hkv, t, d) = (2, 6, 2, 7, 5);
+        let mut mask = vec![0f32; b * t * t];
+        for batch in 0..b {
+            let len = if batch == 0 { t } else { 4 };
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || (j >= len && j != i) {
+                        mask[(batch * t + i) * t + j] = MASKED;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu).unwrap();
+        let q = Var::from_tensor(&randn(&[b, hq, t, d], 1)).unwrap();
+        let k = Var::from_tensor(&randn(&[b, hkv, t, d], 2)).unwrap();
+        let v_store = Var::from_tensor(&randn(&[b, t, hkv, d], 3)).unwrap();
+        let v = v_store.as_tensor().transpose(1, 2).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let fused = attention(q.as_tensor(), k.as_tensor(), &v, &mask, scale).unwrap();
+        let composed = attention_composed(q.as_tensor(), k.as_tensor(), &v, &mask).unwrap();
+        assert!(max_abs(&fused, &composed) < 1e-5);
+        let w = randn(fused.dims(), 4);
+        let gf = (&fused * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v_store)] {
+            let d = max_abs(gf.get(var).unwrap(), gc.get(var).unwrap());
+            assert!(d < 1e-5, "grad of {name} differs by {d}");
+        }
+    }
+}
