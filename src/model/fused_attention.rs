@@ -154,7 +154,7 @@ impl CustomOp3 for Attention {
             data(vs, vl, "attention v")?,
         );
         let mask_guard = self.mask.storage_and_layout();
-        let mask = f32_slice(&mask_guard.0, &mask_guard.1, "mask")?;
+        let mask = f32_slice(&mask_guard.0, mask_guard.1, "mask")?;
         let Dims {
             b,
             hq,
@@ -238,10 +238,10 @@ impl CustomOp3 for Attention {
             v.storage_and_layout(),
             grad.storage_and_layout(),
         );
-        let q_ = f32_slice(&qg.0, &qg.1, "q")?;
-        let k_ = f32_slice(&kg.0, &kg.1, "k")?;
-        let v_ = f32_slice(&vg.0, &vg.1, "v")?;
-        let g_ = f32_slice(&gg.0, &gg.1, "grad")?;
+        let q_ = f32_slice(&qg.0, qg.1, "q")?;
+        let k_ = f32_slice(&kg.0, kg.1, "k")?;
+        let v_ = f32_slice(&vg.0, vg.1, "v")?;
+        let g_ = f32_slice(&gg.0, gg.1, "grad")?;
         let Dims {
             b,
             hq,
