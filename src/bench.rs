@@ -299,7 +299,8 @@ fn time_grpo_step(base: &Decoder, cfg: &ModelConfig, steps: usize) -> Result<(f6
         let start = Instant::now();
         let (adv, _) = advantages(&rewards, 8, ScaleRewards::Group);
         let refs: Vec<&Sequence> = seqs.iter().collect();
-        let batch = collate(&refs, 0, None, &[], &device)?;
+        // As `leash grpo` scores them: each group's prompt once (padding-free).
+        let batch = crate::data::pack::collate_packed(&refs, 0, None, true, &device)?;
         tokens = batch.n_tokens;
         let mask: Vec<f32> = batch
             .in_completion

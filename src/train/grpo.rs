@@ -26,6 +26,7 @@ use super::policy::{build_policy, save_weights, Policy};
 use super::schedule::{lr_factor, warmup_steps};
 use super::trainer::{check_output_dir, checkpoint_or_stop, install_ctrl_c, TrainSummary};
 use crate::data::collate::{collate, Collated};
+use crate::data::pack::collate_packed;
 use crate::data::encode::Sequence;
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{read_text, LeashError, Result};
@@ -269,13 +270,13 @@ fn rollout(
     for start in (0..seqs.len()).step_by(bs) {
         let end = (start + bs).min(seqs.len());
         let refs: Vec<&Sequence> = seqs[start..end].iter().collect();
-        let batch = collate(
-            &refs,
-            m.tok.pad_id,
-            m.sampler.config.sliding_window,
-            &[],
-            &device,
-        )?;
+        // A group's completions share their prompt: padding-free scores it once per group.
+        let window = m.sampler.config.sliding_window;
+        let batch = if cfg.padding_free {
+            collate_packed(&refs, m.tok.pad_id, window, true, &device)?
+        } else {
+            collate(&refs, m.tok.pad_id, window, &[], &device)?
+        };
         tokens += batch.n_tokens;
         let mask: Vec<f32> = batch
             .seq_of
