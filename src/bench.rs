@@ -92,11 +92,13 @@ fn token_sequences(
         .collect()
 }
 
-/// Runs the measurements of `what` (forward, dpo, generate, grpo, all, dpo-lora) on `shape_name`.
+/// Runs the measurements of `what` (forward, dpo, generate, grpo, all, dpo-lora) on `shape_name`;
+/// the DPO steps (dpo, dpo-lora) use `pairs` preference pairs.
 pub fn run(
     shape_name: &str,
     what: &str,
     steps: usize,
+    pairs: usize,
     mut emit: impl FnMut(serde_json::Value),
 ) -> Result<()> {
     let cfg = shape(shape_name)?;
@@ -127,21 +129,23 @@ pub fn run(
         ));
     }
     if what == "dpo" || what == "all" {
-        // TRL's timed workload: 8 pairs, 128-token prompts, 128-token completions.
+        // TRL's timed workload: 8 pairs (default), 128-token prompts, 128-token completions.
         let (policy, vars) = base.to_trainable()?;
         for (name, live) in [
             ("dpo_step(ref cached)", false),
             ("dpo_step(ref model)", true),
         ] {
             let reference = if live { Some(&base) } else { None };
-            let secs = time_dpo_step(&policy, &vars, reference, &cfg, steps)?;
-            let fwd = flops_forward(&cfg, 16, 256);
-            emit(with_rss(report(
+            let secs = time_dpo_step(&policy, &vars, reference, &cfg, steps, pairs)?;
+            let fwd = flops_forward(&cfg, 2 * pairs, 256);
+            let mut v = report(
                 name,
                 secs,
-                16 * 256,
+                2 * pairs * 256,
                 3.0 * fwd + if live { fwd } else { 0.0 },
-            )));
+            );
+            v["pairs"] = json!(pairs);
+            emit(with_rss(v));
         }
     }
     if what == "generate" || what == "all" {
@@ -187,14 +191,16 @@ pub fn run(
         let targets = select_targets(&modules, &["all-linear".to_string()])?;
         let (vars, adapters) = init_adapters(&targets, 16, 32.0, 0.0, 1, &device)?;
         let policy = base.with_adapters(&adapters)?;
-        let secs = time_dpo_step(&policy, &vars, Some(&base), &cfg, steps)?;
-        let fwd = flops_forward(&cfg, 16, 256);
-        emit(with_rss(report(
+        let secs = time_dpo_step(&policy, &vars, Some(&base), &cfg, steps, pairs)?;
+        let fwd = flops_forward(&cfg, 2 * pairs, 256);
+        let mut v = report(
             "dpo_step(lora r16, ref = adapter off)",
             secs,
-            16 * 256,
+            2 * pairs * 256,
             3.0 * fwd,
-        )));
+        );
+        v["pairs"] = json!(pairs);
+        emit(with_rss(v));
     }
     Ok(())
 }
@@ -308,6 +314,7 @@ fn time_dpo_step(
     reference: Option<&Decoder>,
     cfg: &ModelConfig,
     steps: usize,
+    pairs: usize,
 ) -> Result<f64> {
     let device = Device::Cpu;
     let mut opt = AdamW::new(
@@ -319,25 +326,26 @@ fn time_dpo_step(
             weight_decay: 0.0,
         },
     );
-    let mut seqs = token_sequences(cfg.vocab_size, 8, 128, 128, 0);
-    seqs.extend(token_sequences(cfg.vocab_size, 8, 128, 128, 17));
+    let p = pairs;
+    let mut seqs = token_sequences(cfg.vocab_size, p, 128, 128, 0);
+    seqs.extend(token_sequences(cfg.vocab_size, p, 128, 128, 17));
     let refs: Vec<&Sequence> = seqs.iter().collect();
     let batch = collate(&refs, 0, None, &[], &device)?;
-    let cached = Tensor::zeros(8, DType::F32, &device)?.affine(1.0, -300.0)?;
-    let counts = Tensor::full(128f32, 8, &device)?;
+    let cached = Tensor::zeros(p, DType::F32, &device)?.affine(1.0, -300.0)?;
+    let counts = Tensor::full(128f32, p, &device)?;
     time(steps, || {
         let (ref_c, ref_r) = match reference {
             Some(r) => {
                 let r = score(r, &batch)?.seq_logps;
-                (r.narrow(0, 0, 8)?, r.narrow(0, 8, 8)?)
+                (r.narrow(0, 0, p)?, r.narrow(0, p, p)?)
             }
             None => (cached.clone(), cached.clone()),
         };
         let s = score(policy, &batch)?;
         let out = dpo_loss(
             &PairLogps {
-                chosen: &s.seq_logps.narrow(0, 0, 8)?,
-                rejected: &s.seq_logps.narrow(0, 8, 8)?,
+                chosen: &s.seq_logps.narrow(0, 0, p)?,
+                rejected: &s.seq_logps.narrow(0, p, p)?,
                 ref_chosen: &ref_c,
                 ref_rejected: &ref_r,
                 chosen_tokens: &counts,
