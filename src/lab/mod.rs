@@ -24,6 +24,8 @@ use crate::train::config::{resolve, Method};
 use crate::train::grads::GradAccumulator;
 use crate::train::trainer::train;
 
+mod lora;
+
 pub const EXPERIMENTS: &[&str] = &[
     "logps",
     "grad",
@@ -32,6 +34,7 @@ pub const EXPERIMENTS: &[&str] = &[
     "ipo-vs-dpo",
     "kto",
     "dpo-vs-grpo",
+    "lora",
 ];
 
 /// A lab's result: the one-line verdict, whether the lesson reproduced, and its report.
@@ -78,6 +81,7 @@ pub fn run_lab(name: &str, root: &Path, cfg: &DemoConfig) -> Result<Outcome> {
         "beta-sweep" => lab.beta_sweep()?,
         "ipo-vs-dpo" => lab.ipo_vs_dpo()?,
         "kto" => lab.kto()?,
+        "lora" => lab.lora()?,
         _ => lab.dpo_vs_grpo()?,
     };
     let report = lab.dir.join("report.md");
