@@ -95,11 +95,13 @@ fn token_sequences(
 }
 
 /// Runs the measurements of `what` (matmul, forward, train, dpo, generate, grpo, all,
-/// dpo-lora) on `shape_name`. Training figures carry the matmul ceiling measured first.
+/// dpo-lora) on `shape_name`; the DPO steps (dpo, dpo-lora) use `pairs` preference pairs.
+/// Training figures carry the matmul ceiling measured first.
 pub fn run(
     shape_name: &str,
     what: &str,
     steps: usize,
+    pairs: usize,
     mut emit: impl FnMut(serde_json::Value),
 ) -> Result<()> {
     const WHATS: &[&str] = &[
@@ -166,10 +168,10 @@ pub fn run(
         emit(with_rss(report("sft_step", secs, 8 * 256, flops)));
     }
     if is("dpo") {
-        // TRL's timed workload: 8 pairs, 128-token prompts, 128-token completions; tokens
-        // counted as TRL counts them (chosen + rejected sequences).
+        // TRL's timed workload: 8 pairs (default), 128-token prompts, 128-token completions;
+        // tokens counted as TRL counts them (chosen + rejected sequences).
         let (policy, vars) = base.to_trainable()?;
-        let seqs = steps::pair_sequences(cfg.vocab_size, 8, 128, 128);
+        let seqs = steps::pair_sequences(cfg.vocab_size, pairs, 128, 128);
         for padding_free in [false, true] {
             let batch = steps::layout(&seqs, padding_free)?;
             let fwd = steps::forward_flops(&cfg, &batch);
@@ -186,7 +188,9 @@ pub fn run(
                     if live { "model" } else { "cached" }
                 );
                 let flops = 3.0 * fwd + if live { fwd } else { 0.0 };
-                emit(with_rss(report(&name, secs, 16 * 256, flops)));
+                let mut v = report(&name, secs, 2 * pairs * 256, flops);
+                v["pairs"] = json!(pairs);
+                emit(with_rss(v));
             }
         }
     }
@@ -233,17 +237,19 @@ pub fn run(
         let targets = select_targets(&modules, &["all-linear".to_string()])?;
         let (vars, adapters) = init_adapters(&targets, 16, 32.0, 0.0, 1, &device)?;
         let policy = base.with_adapters(&adapters)?;
-        let seqs = steps::pair_sequences(cfg.vocab_size, 8, 128, 128);
+        let seqs = steps::pair_sequences(cfg.vocab_size, pairs, 128, 128);
         let batch = steps::layout(&seqs, true)?;
         let secs = steps::time_dpo_step(&policy, &vars, Some(&base), &batch, steps)?;
         let fwd = steps::forward_flops(&cfg, &batch);
-        emit(with_rss(report(
+        let mut v = report(
             "dpo_step(lora r16, shared prompt, ref = adapter off)",
             secs,
-            16 * 256,
+            2 * pairs * 256,
             // Reference forward + policy forward + a backward with no base-weight gradients.
             3.0 * fwd,
-        )));
+        );
+        v["pairs"] = json!(pairs);
+        emit(with_rss(v));
     }
     Ok(())
 }

@@ -140,6 +140,9 @@ enum Command {
         /// Timed steps (after one warm-up); the median is reported.
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// Preference pairs per DPO step (dpo, dpo-lora); each pair is 2 × 256 tokens.
+        #[arg(long, default_value_t = 8)]
+        pairs: usize,
     },
     /// Supervised fine-tuning with the loss on completion tokens only (TRL SFTTrainer).
     Sft(TrainArgs),
@@ -343,8 +346,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             leash::merge::merge(&model, &adapter, &output_dir)?;
             eprintln!("merged checkpoint written to {}", output_dir.display());
         }
-        Command::Bench { shape, what, steps } => {
-            leash::bench::run(&shape, &what, steps, |obj| {
+        Command::Bench {
+            shape,
+            what,
+            steps,
+            pairs,
+        } => {
+            if pairs == 0 {
+                return Err(leash::LeashError::usage(
+                    "--pairs must be ≥ 1".to_string(),
+                    "pass the number of preference pairs per DPO step, e.g. --pairs 2",
+                )
+                .into());
+            }
+            leash::bench::run(&shape, &what, steps, pairs, |obj| {
                 eprintln!(
                     "{:<22} {:>8.0} tokens/s  {:>6.1} GFLOP/s  ({} threads)",
                     obj["bench"].as_str().unwrap_or(""),

@@ -115,3 +115,223 @@ fn gpt2_conv1d_layernorm_gelu() {
         r#"{"model_type":"gpt2","vocab_size":13,"n_embd":8,"n_layer":2,"n_head":2,"n_positions":16}"#,
     );
 }
+
+// ---- LoRA: the fused base+adapter op, and whole decoders with adapters ----
+
+use leash::model::lora::{Adapter, Adapters};
+use leash::model::lora_fused::lora_linear;
+
+/// The fused op vs the composed path in f32 (same math, different rounding).
+const FUSED_VS_COMPOSED_TOL: f64 = 1e-5;
+
+fn filled(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    // A deterministic, irregular fill in (-1, 1).
+    let v: Vec<f64> = (0..n)
+        .map(|i| (((i as u64 + 1) * (seed * 2 + 7919)) % 1999) as f64 / 999.5 - 1.0)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// Operands of one LoRA layer: x (5, 7), W (6 out, 7 in) stored (out, in) or, GPT-2 style,
+/// (in, out); bias (6); A (3, 7); B (6, 3); scale 2.
+struct LoraCase {
+    x: Var,
+    a: Var,
+    b: Var,
+    w_io: Tensor,
+    bias: Option<Tensor>,
+    r_weights: Tensor,
+}
+
+const SCALE: f64 = 2.0;
+
+fn lora_case(dtype: DType, transposed: bool, bias: bool) -> LoraCase {
+    let w_io = if transposed {
+        filled(&[7, 6], 3, dtype) // (in, out) as GPT-2 stores it
+    } else {
+        filled(&[6, 7], 3, dtype).t().unwrap() // (out, in) read as (in, out) in place
+    };
+    LoraCase {
+        x: Var::from_tensor(&filled(&[5, 7], 1, dtype)).unwrap(),
+        a: Var::from_tensor(&filled(&[3, 7], 4, dtype)).unwrap(),
+        b: Var::from_tensor(&filled(&[6, 3], 5, dtype)).unwrap(),
+        w_io,
+        bias: bias.then(|| filled(&[6], 6, dtype)),
+        r_weights: filled(&[5, 6], 9, dtype),
+    }
+}
+
+impl LoraCase {
+    fn fused(&self) -> Tensor {
+        lora_linear(
+            self.x.as_tensor(),
+            &self.w_io,
+            self.bias.as_ref(),
+            self.a.as_tensor(),
+            self.b.as_tensor(),
+            SCALE,
+        )
+        .unwrap()
+    }
+
+    /// y = x·W + b + s·(x·Aᵀ)·Bᵀ from candle's own ops.
+    fn composed(&self) -> Tensor {
+        let x = self.x.as_tensor();
+        let mut y = x.matmul(&self.w_io).unwrap();
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b).unwrap();
+        }
+        let low = x.matmul(&self.a.as_tensor().t().unwrap()).unwrap();
+        (y + (low.matmul(&self.b.as_tensor().t().unwrap()).unwrap() * SCALE).unwrap()).unwrap()
+    }
+
+    fn objective(&self, y: &Tensor) -> Tensor {
+        (y * &self.r_weights).unwrap().sum_all().unwrap()
+    }
+
+    fn vars(&self) -> [(&'static str, &Var); 3] {
+        [("x", &self.x), ("A", &self.a), ("B", &self.b)]
+    }
+}
+
+fn to_f64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (to_f64(a), to_f64(b));
+    let scale = a.iter().map(|v| v.abs()).fold(1e-12, f64::max);
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / scale)
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn fused_lora_linear_matches_the_composed_path() {
+    for transposed in [false, true] {
+        for bias in [false, true] {
+            let case = lora_case(DType::F32, transposed, bias);
+            let (yf, yc) = (case.fused(), case.composed());
+            let d = max_rel_diff(&yf, &yc);
+            assert!(d < FUSED_VS_COMPOSED_TOL, "output: {d}");
+            let gf = case.objective(&yf).backward().unwrap();
+            let gc = case.objective(&yc).backward().unwrap();
+            for (name, var) in case.vars() {
+                let d = max_rel_diff(gf.get(var).unwrap(), gc.get(var).unwrap());
+                assert!(
+                    d < FUSED_VS_COMPOSED_TOL,
+                    "d{name} (transposed {transposed}, bias {bias}): {d}"
+                );
+            }
+            // W and b are held by the op: beyond x, A, B (and the objective's weights) the
+            // store holds nothing.
+            let known = [case.x.id(), case.a.id(), case.b.id(), case.r_weights.id()];
+            assert_eq!(gf.get_ids().filter(|id| !known.contains(id)).count(), 0);
+        }
+    }
+}
+
+#[test]
+fn fused_lora_linear_gradients_match_finite_differences() {
+    for transposed in [false, true] {
+        let case = lora_case(DType::F64, transposed, true);
+        let grads = case.objective(&case.fused()).backward().unwrap();
+        for (name, var) in case.vars() {
+            let analytic = to_f64(grads.get(var).unwrap());
+            let original = var.as_tensor().copy().unwrap();
+            let shape = original.shape().clone();
+            let values = to_f64(&original);
+            for (i, &g) in analytic.iter().enumerate() {
+                let at = |delta: f64| {
+                    let mut v = values.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, &shape, &Device::Cpu).unwrap())
+                        .unwrap();
+                    case.objective(&case.fused()).to_scalar::<f64>().unwrap()
+                };
+                let numeric = (at(FD_EPS) - at(-FD_EPS)) / (2.0 * FD_EPS);
+                let scale = numeric.abs().max(g.abs()).max(1e-6);
+                assert!(
+                    (numeric - g).abs() / scale < FD_REL_TOL,
+                    "d{name}[{i}]: analytic {g} vs numeric {numeric}"
+                );
+            }
+            var.set(&original).unwrap();
+        }
+    }
+}
+
+/// Adapters with non-zero A and B on every linear module, as f64 variables.
+fn f64_adapters(model: &Decoder) -> (Adapters, Vec<(String, Var)>) {
+    let mut adapters = Adapters::new();
+    let mut vars = Vec::new();
+    for (k, m) in model.linear_modules().iter().enumerate() {
+        let a = Var::from_tensor(&(filled(&[2, m.inp], 10 + k as u64, DType::F64) * 0.5).unwrap())
+            .unwrap();
+        let b = Var::from_tensor(&(filled(&[m.out, 2], 50 + k as u64, DType::F64) * 0.5).unwrap())
+            .unwrap();
+        adapters.insert(
+            m.path.clone(),
+            Adapter {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale: 1.5,
+                dropout: 0.0,
+            },
+        );
+        vars.push((format!("{}.lora_A", m.path), a));
+        vars.push((format!("{}.lora_B", m.path), b));
+    }
+    (adapters, vars)
+}
+
+/// Whole-decoder LoRA gradients (through the fused op in f64) against finite differences.
+fn check_lora(config: &str) {
+    let base = tiny(config);
+    let (adapters, vars) = f64_adapters(&base);
+    let model = base.with_adapters(&adapters).unwrap();
+    let grads = objective(&model).backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let flat_g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        let n = flat_g.len();
+        for &i in &[0, n / 2, n - 1] {
+            let numeric = finite_difference(&model, var, i);
+            let analytic = flat_g[i];
+            let scale = numeric.abs().max(analytic.abs()).max(1e-6);
+            assert!(
+                (numeric - analytic).abs() / scale < FD_REL_TOL,
+                "{name}[{i}]: analytic {analytic} vs numeric {numeric}"
+            );
+        }
+    }
+    for (name, w) in base.params() {
+        assert!(grads.get(w).is_none(), "base weight {name} got a gradient");
+    }
+}
+
+#[test]
+fn llama_lora_adapters() {
+    check_lora(
+        r#"{"model_type":"llama","vocab_size":13,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"tie_word_embeddings":false}"#,
+    );
+}
+
+#[test]
+fn gpt2_lora_adapters_transposed_weights_and_biases() {
+    check_lora(
+        r#"{"model_type":"gpt2","vocab_size":13,"n_embd":8,"n_layer":2,"n_head":2,"n_positions":16}"#,
+    );
+}

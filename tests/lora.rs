@@ -239,3 +239,90 @@ fn lora_reference_is_the_base_and_reloaded_adapter_scores_identically() {
         / rows.len() as f64;
     assert!((mean - eval["eval_logps/chosen"].as_f64().unwrap()).abs() < 1e-4);
 }
+
+/// The "measure that it doesn't": after a LoRA backward (f32, CPU: the path training
+/// takes) the GradStore holds a gradient for every adapter tensor, none for any base weight
+/// (linear, norm, embedding or lm_head), and no other entry is weight-sized (a frozen
+/// operand of a plain matmul would leave its transposed gradient under another tensor id).
+#[test]
+fn lora_backward_gives_no_base_weight_a_gradient() {
+    use candle_core::{DType, Device, Tensor};
+    use leash::data::collate::collate;
+    use leash::data::encode::Sequence;
+    use leash::model::lora::{init_adapters, select_targets};
+    use std::collections::HashSet;
+    let device = Device::Cpu;
+    for fixture_name in ["tiny-llama", "tiny-gpt2"] {
+        let (base, _) = leash::scoring::load_model(&fixture(fixture_name), &device).unwrap();
+        let modules = base.linear_modules().to_vec();
+        let picked = select_targets(&modules, &["all-linear".to_string()]).unwrap();
+        let (vars, adapters) = init_adapters(&picked, 4, 8.0, 0.0, 1, &device).unwrap();
+        // PEFT starts B at 0, which would zero every dA; give B values so all paths carry signal.
+        for (name, v) in &vars {
+            if name.contains("lora_B") {
+                v.set(&(Tensor::randn(0f32, 0.02, v.shape(), &device).unwrap()))
+                    .unwrap();
+            }
+        }
+        let model = base.with_adapters(&adapters).unwrap();
+        let seqs: Vec<Sequence> = (0..3u32)
+            .map(|s| Sequence {
+                ids: (0..12).map(|j| (s * 5 + j * 3) % 40 + 3).collect(),
+                loss_start: 4,
+            })
+            .collect();
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        let batch = collate(&refs, 0, None, &[], &device).unwrap();
+        let loss = leash::loss::logps::score(&model, &batch)
+            .unwrap()
+            .seq_logps
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in &vars {
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{name}: zero gradient");
+        }
+        let mut weights: Vec<(String, Tensor)> = base.params().to_vec();
+        weights.push(("lm_head".into(), base.lm_head().clone()));
+        let mut weight_shapes = HashSet::new();
+        for (name, w) in &weights {
+            assert!(
+                grads.get(w).is_none(),
+                "{fixture_name}: base weight {name} got a gradient"
+            );
+            if w.rank() == 2 {
+                weight_shapes.insert(w.dims().to_vec());
+                weight_shapes.insert(w.t().unwrap().dims().to_vec());
+            }
+        }
+        let adapter_ids: HashSet<_> = vars.iter().map(|(_, v)| v.id()).collect();
+        let mut other_bytes = 0;
+        for id in grads.get_ids() {
+            if adapter_ids.contains(id) {
+                continue;
+            }
+            let g = grads.get_id(*id).unwrap();
+            assert!(
+                !weight_shapes.contains(g.dims()),
+                "{fixture_name}: a weight-shaped gradient {:?} was computed",
+                g.dims()
+            );
+            other_bytes += g.elem_count() * DType::F32.size_in_bytes();
+        }
+        eprintln!(
+            "{fixture_name}: {} adapter gradients; {} other GradStore entries ({other_bytes} bytes)",
+            vars.len(),
+            grads.get_ids().count() - vars.len()
+        );
+    }
+}

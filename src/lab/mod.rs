@@ -25,6 +25,7 @@ use crate::train::grads::GradAccumulator;
 use crate::train::trainer::train;
 
 mod length_bias;
+mod lora;
 
 pub const EXPERIMENTS: &[&str] = &[
     "logps",
@@ -35,6 +36,7 @@ pub const EXPERIMENTS: &[&str] = &[
     "kto",
     "dpo-vs-grpo",
     "length-bias",
+    "lora",
 ];
 
 /// A lab's result: the one-line verdict, whether the lesson reproduced, and its report.
@@ -82,6 +84,7 @@ pub fn run_lab(name: &str, root: &Path, cfg: &DemoConfig) -> Result<Outcome> {
         "ipo-vs-dpo" => lab.ipo_vs_dpo()?,
         "kto" => lab.kto()?,
         "length-bias" => lab.length_bias()?,
+        "lora" => lab.lora()?,
         _ => lab.dpo_vs_grpo()?,
     };
     let report = lab.dir.join("report.md");

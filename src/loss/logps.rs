@@ -11,6 +11,7 @@ use candle_core::{Tensor, D};
 use super::token_logprob::token_logprobs;
 use crate::data::collate::Collated;
 use crate::error::Result;
+use crate::model::linear::frozen_matmul;
 use crate::model::Decoder;
 
 /// Log-probs of one collated batch.
@@ -40,7 +41,8 @@ pub fn score_at_temperature(model: &Decoder, batch: &Collated, temperature: f64)
     let c = hidden.dim(D::Minus1)?;
     let rows = Tensor::new(batch.score_rows.as_slice(), &device)?;
     let picked = hidden.reshape(((), c))?.index_select(&rows, 0)?; // (n, c)
-    let logits = picked.matmul(&model.lm_head().t()?)?; // (n, v)
+                                                                   // A frozen lm_head (LoRA) gets no (v, c) gradient: see `frozen_matmul`.
+    let logits = frozen_matmul(&picked, &model.lm_head().t()?)?; // (n, v)
     let logits = if temperature == 1.0 {
         logits
     } else {

@@ -170,8 +170,13 @@ impl CustomOp2 for RmsNorm {
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormGrad { eps: self.eps })?;
         let (nc, c) = (x.elem_count(), w.elem_count());
         let dx = packed.narrow(0, 0, nc)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, nc, c)?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw)))
+        // A frozen weight (LoRA's base) gets no gradient entry.
+        let dw = if w.track_op() {
+            Some(packed.narrow(0, nc, c)?.reshape(w.shape())?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
     }
 }
 

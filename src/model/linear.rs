@@ -2,13 +2,17 @@
 //! adapter. GPT-2's `Conv1D` stores W transposed, (in, out); `transposed` marks that layout
 //! so the weights stay byte-identical to the checkpoint and save back under the same name.
 //!
-//! A frozen W under an adapter goes through [`FrozenMatmul`]: candle's matmul backward always
-//! computes the gradient of both operands, which for a frozen base would cost a weight-sized
-//! gradient per layer per step for nothing.
+//! A frozen W under an adapter goes through the fused op of [`super::lora_fused`] (one output,
+//! no gradient for W) on CPU in f32/f64 without training dropout, else through
+//! [`FrozenMatmul`] plus the composed low-rank path: candle's matmul backward always computes
+//! the gradient of both operands, which for a frozen base would cost a weight-sized gradient
+//! per layer per step for nothing.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Storage, Tensor};
 
 use super::lora::Adapter;
+use super::lora_fused;
 
 #[derive(Clone)]
 pub struct Linear {
@@ -54,27 +58,33 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let x2 = x.reshape((x.elem_count() / inp, inp))?; // (rows, in)
-        let frozen_base = self.lora.is_some() && !self.weight.is_variable() && x2.device().is_cpu();
-        let mut y = if frozen_base {
-            x2.contiguous()?.apply_op1(FrozenMatmul {
-                w: self.weight_in_out()?,
-            })?
-        } else {
-            x2.matmul(&self.weight_in_out()?)?
+        let w = self.weight_in_out()?; // (in, out)
+        let y = match &self.lora {
+            // Training dropout needs the dropped input only on the low-rank path: composed.
+            Some(ad)
+                if !(ad.dropout > 0.0 && ad.a.is_variable())
+                    && lora_fused::applies(&x2, &w, self.bias.as_ref(), &ad.a, &ad.b) =>
+            {
+                lora_fused::lora_linear(&x2, &w, self.bias.as_ref(), &ad.a, &ad.b, ad.scale)?
+            }
+            lora => {
+                let mut y = frozen_matmul(&x2, &w)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                if let Some(ad) = lora {
+                    let xin = if ad.dropout > 0.0 && ad.a.is_variable() {
+                        candle_nn::ops::dropout(&x2, ad.dropout as f32)?
+                    } else {
+                        x2
+                    };
+                    let low = xin.matmul(&ad.a.t()?)?; // (rows, r)
+                                                       // Scale the small (r, out) factor, not the (rows, out) activation.
+                    y = (y + low.matmul(&(ad.b.t()? * ad.scale)?)?)?;
+                }
+                y
+            }
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(ad) = &self.lora {
-            let xin = if ad.dropout > 0.0 && ad.a.is_variable() {
-                candle_nn::ops::dropout(&x2, ad.dropout as f32)?
-            } else {
-                x2
-            };
-            let low = xin.matmul(&ad.a.t()?)?; // (rows, r)
-                                               // Scale the small (r, out) factor, not the (rows, out) activation.
-            y = (y + low.matmul(&(ad.b.t()? * ad.scale)?)?)?;
-        }
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
         out_dims[last] = y.dim(1)?;
@@ -82,7 +92,19 @@ impl Module for Linear {
     }
 }
 
+/// `x · w` for x (n, k) and w (k, m). When x tracks gradients and w does not (a frozen base
+/// under LoRA, the frozen lm_head), on CPU, the product goes through [`FrozenMatmul`] so that
+/// backward computes no gradient for w; otherwise it is candle's matmul.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() && !w.track_op() && x.device().is_cpu() && w.device().is_cpu() {
+        x.apply_op1(FrozenMatmul { w: w.clone() })
+    } else {
+        x.matmul(w)
+    }
+}
+
 /// `x · W` for a frozen W (in, out): backward returns only the input's gradient `g · Wᵀ`.
+/// The forward multiplies x's and W's storages in place (candle's CPU matmul, any strides).
 struct FrozenMatmul {
     w: Tensor,
 }
@@ -93,23 +115,22 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul: input must be contiguous")
+        let (w_storage, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(ws) = &*w_storage else {
+            candle_core::bail!("frozen-matmul: the weight must be on the CPU")
         };
-        let CpuStorage::F32(data) = s else {
-            candle_core::bail!("frozen-matmul: f32 only")
+        let (&[m, k], &[k2, n]) = (l.dims(), wl.dims()) else {
+            candle_core::bail!(
+                "frozen-matmul: expected 2-d operands, got {:?} and {:?}",
+                l.dims(),
+                wl.dims()
+            )
         };
-        let x = Tensor::from_slice(&data[a..b], l.shape(), &candle_core::Device::Cpu)?;
-        let y = x.matmul(&self.w)?.contiguous()?;
-        let (storage, layout) = y.storage_and_layout();
-        let out = match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => match layout.contiguous_offsets() {
-                Some((o1, o2)) => v[o1..o2].to_vec(),
-                None => candle_core::bail!("frozen-matmul: non-contiguous result"),
-            },
-            _ => candle_core::bail!("frozen-matmul: unexpected storage"),
-        };
-        Ok((CpuStorage::F32(out), y.shape().clone()))
+        if k != k2 {
+            candle_core::bail!("frozen-matmul: ({m}, {k}) · ({k2}, {n})")
+        }
+        let y = s.matmul(ws, (1, m, n, k), l, wl)?;
+        Ok((y, Shape::from((m, n))))
     }
 
     fn bwd(

@@ -8,6 +8,7 @@ pub mod gpt2;
 pub mod linear;
 pub mod llama;
 pub mod lora;
+pub mod lora_fused;
 pub mod ops;
 pub mod params;
 pub mod weights;

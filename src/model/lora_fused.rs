@@ -1,0 +1,386 @@
+//! Fused LoRA linear layer over a frozen base, on CPU: one op computes
+//! `y = x·W + b + s·(x·Aᵀ)·Bᵀ` into a single output and has its own backward.
+//!
+//! Why: the composed path (`linear.rs`) keeps three activation-sized tensors per adapted layer
+//! for backward (the base output, the low-rank product, their sum) and, through candle's
+//! matmul backward, would also compute a weight-sized gradient for the frozen W. Here the graph
+//! keeps only x (already alive as the previous op's output) and the op's output; the base
+//! matmul and the low-rank update are accumulated in place by gemm, and backward recomputes
+//! the small (n, r) product `x·Aᵀ` instead of keeping it.
+//!
+//! Backward (g the upstream gradient, W as (in, out)):
+//!   dx = g·Wᵀ + s·(g·B)·A,   dA = s·(g·B)ᵀ·x,   dB = s·gᵀ·(x·Aᵀ).
+//! W and b are held by the op, not passed as inputs, so they get no gradient and no entry in
+//! candle's GradStore. GPT-2's transposed (in, out) storage and Llama's (out, in) are both
+//! read in place through strides.
+//!
+//! f32 and f64 (the f64 path exists so gradients can be checked by finite differences);
+//! `tests/gradients.rs` checks output and all three gradients against the composed path and
+//! against finite differences.
+//!
+//! Legend: n rows (all leading dims flattened), i in features, o out features, r rank.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
+
+/// Whether the fused op takes these operands: everything on CPU in the same f32/f64 dtype,
+/// and the base weight and bias frozen.
+pub fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor) -> bool {
+    let dt = x.dtype();
+    let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == dt;
+    matches!(dt, DType::F32 | DType::F64)
+        && ok(x)
+        && ok(w)
+        && ok(a)
+        && ok(b)
+        && bias.is_none_or(|t| ok(t) && !t.track_op())
+        && !w.track_op()
+}
+
+/// x (n, i), w_io (i, o) frozen, bias (o) frozen, a (r, i), b (o, r) → (n, o).
+/// Operands must satisfy [`applies`].
+pub fn lora_linear(
+    x: &Tensor,
+    w_io: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    x.apply_op3(
+        a,
+        b,
+        LoraLinear {
+            w: w_io.clone(),
+            bias: bias.cloned(),
+            scale,
+        },
+    )
+}
+
+struct LoraLinear {
+    /// (i, o), any strides.
+    w: Tensor,
+    /// (o)
+    bias: Option<Tensor>,
+    scale: f64,
+}
+
+/// The element types the kernels run in.
+trait Float: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    fn of(v: f64) -> Self;
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    fn of(v: f64) -> Self {
+        v
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// A strided matrix view: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T: Float> Mat<'a, T> {
+    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Self> {
+        let Some(data) = T::slice(s) else {
+            candle_core::bail!("lora-linear: {what} has dtype {:?}", s.dtype())
+        };
+        let (dims, st) = (l.dims(), l.stride());
+        if dims.len() != 2 {
+            candle_core::bail!("lora-linear: {what} must be 2-d, got {dims:?}")
+        }
+        let data = &data[l.start_offset()..];
+        let (rows, cols) = (dims[0], dims[1]);
+        if rows > 0 && cols > 0 && (rows - 1) * st[0] + (cols - 1) * st[1] >= data.len() {
+            candle_core::bail!("lora-linear: {what} layout runs past its storage")
+        }
+        Ok(Mat {
+            data,
+            rows,
+            cols,
+            rs: st[0],
+            cs: st[1],
+        })
+    }
+
+    fn dense(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
+/// dst (m, n) row-major ← (dst if `accumulate`) + beta·lhs·rhs.
+fn gemm_into<T: Float>(
+    dst: &mut [T],
+    accumulate: bool,
+    beta: f64,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) -> candle_core::Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k || dst.len() != m * n {
+        candle_core::bail!(
+            "lora-linear: shapes ({m}, {k}) · ({}, {n}) into {} elements",
+            rhs.rows,
+            dst.len()
+        )
+    }
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst.fill(T::ZERO);
+        }
+        return Ok(());
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index gemm touches is inside its slice: dst is exactly m·n dense, and
+    // `Mat::of` / `Mat::dense` checked the last element of lhs and rhs is in bounds.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::of(1.0),
+            T::of(beta),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+/// The (CPU storage, layout) of a held tensor, read under its lock by `f`.
+fn with_cpu<R>(
+    t: &Tensor,
+    f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(s, layout),
+        _ => candle_core::bail!("lora-linear: tensors must be on the CPU"),
+    }
+}
+
+impl LoraLinear {
+    fn fwd<T: Float>(
+        &self,
+        x: Mat<T>,
+        a: Mat<T>,
+        b: Mat<T>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        with_cpu(&self.w, |ws, wl| {
+            let w = Mat::<T>::of(ws, wl, "W")?; // (i, o)
+            let (n, o, r) = (x.rows, w.cols, a.rows);
+            if a.cols != x.cols || b.rows != o || b.cols != r {
+                candle_core::bail!(
+                    "lora-linear: x {:?}, W {:?}, A {:?}, B {:?} do not fit",
+                    (x.rows, x.cols),
+                    (w.rows, w.cols),
+                    (a.rows, a.cols),
+                    (b.rows, b.cols)
+                )
+            }
+            let mut y = vec![T::ZERO; n * o];
+            let with_bias = match &self.bias {
+                Some(bias) => {
+                    with_cpu(bias, |bs, bl| {
+                        let Some((s, e)) = bl.contiguous_offsets() else {
+                            candle_core::bail!("lora-linear: bias must be contiguous")
+                        };
+                        let Some(bv) = T::slice(bs) else {
+                            candle_core::bail!("lora-linear: bias dtype differs")
+                        };
+                        let bv = &bv[s..e];
+                        if bv.len() != o {
+                            candle_core::bail!(
+                                "lora-linear: bias has {} entries, not {o}",
+                                bv.len()
+                            )
+                        }
+                        y.chunks_exact_mut(o)
+                            .for_each(|row| row.copy_from_slice(bv));
+                        Ok(())
+                    })?;
+                    true
+                }
+                None => false,
+            };
+            gemm_into(&mut y, with_bias, 1.0, x, w)?; // y (+)= x·W
+            let mut low = vec![T::ZERO; n * r];
+            gemm_into(&mut low, false, 1.0, x, a.t())?; // (n, r) = x·Aᵀ
+            gemm_into(&mut y, true, self.scale, Mat::dense(&low, n, r), b.t())?; // y += s·low·Bᵀ
+            Ok((T::storage(y), Shape::from((n, o))))
+        })
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => self.fwd::<f32>(
+                Mat::of(s1, l1, "x")?,
+                Mat::of(s2, l2, "A")?,
+                Mat::of(s3, l3, "B")?,
+            ),
+            DType::F64 => self.fwd::<f64>(
+                Mat::of(s1, l1, "x")?,
+                Mat::of(s2, l2, "A")?,
+                Mat::of(s3, l3, "B")?,
+            ),
+            dt => candle_core::bail!("lora-linear: f32 or f64 only, got {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match x.dtype() {
+            DType::F32 => self.grads::<f32>(x, a, b, g),
+            DType::F64 => self.grads::<f64>(x, a, b, g),
+            dt => candle_core::bail!("lora-linear: f32 or f64 only, got {dt:?}"),
+        }
+    }
+}
+
+type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl LoraLinear {
+    /// (dx, dA, dB), each only for an input that tracks gradients.
+    fn grads<T: Float + candle_core::WithDType>(
+        &self,
+        xt: &Tensor,
+        at: &Tensor,
+        bt: &Tensor,
+        gt: &Tensor,
+    ) -> candle_core::Result<Grads> {
+        let s = self.scale;
+        with_cpu(xt, |xs, xl| {
+            with_cpu(at, |as_, al| {
+                with_cpu(bt, |bs, bl| {
+                    with_cpu(gt, |gs, gl| {
+                        with_cpu(&self.w, |ws, wl| {
+                            let x = Mat::<T>::of(xs, xl, "x")?; // (n, i)
+                            let a = Mat::<T>::of(as_, al, "A")?; // (r, i)
+                            let b = Mat::<T>::of(bs, bl, "B")?; // (o, r)
+                            let g = Mat::<T>::of(gs, gl, "grad")?; // (n, o)
+                            let w = Mat::<T>::of(ws, wl, "W")?; // (i, o)
+                            let (n, i, o, r) = (x.rows, x.cols, w.cols, a.rows);
+                            let mut gb = vec![T::ZERO; n * r];
+                            gemm_into(&mut gb, false, 1.0, g, b)?; // (n, r) = g·B
+                            let gb = Mat::dense(&gb, n, r);
+                            let dx = if xt.track_op() {
+                                let mut dx = vec![T::ZERO; n * i];
+                                gemm_into(&mut dx, false, 1.0, g, w.t())?; // g·Wᵀ
+                                gemm_into(&mut dx, true, s, gb, a)?; // + s·(g·B)·A
+                                Some(Tensor::from_vec(dx, (n, i), &Device::Cpu)?)
+                            } else {
+                                None
+                            };
+                            let da = if at.track_op() {
+                                let mut da = vec![T::ZERO; r * i];
+                                gemm_into(&mut da, false, s, gb.t(), x)?; // s·(g·B)ᵀ·x
+                                Some(Tensor::from_vec(da, (r, i), &Device::Cpu)?)
+                            } else {
+                                None
+                            };
+                            let db = if bt.track_op() {
+                                let mut low = vec![T::ZERO; n * r];
+                                gemm_into(&mut low, false, 1.0, x, a.t())?; // x·Aᵀ again
+                                let mut db = vec![T::ZERO; o * r];
+                                gemm_into(&mut db, false, s, g.t(), Mat::dense(&low, n, r))?;
+                                Some(Tensor::from_vec(db, (o, r), &Device::Cpu)?)
+                            } else {
+                                None
+                            };
+                            Ok((dx, da, db))
+                        })
+                    })
+                })
+            })
+        })
+    }
+}
