@@ -119,7 +119,7 @@ fn gpt2_conv1d_layernorm_gelu() {
 // ---- LoRA: the fused base+adapter op, and whole decoders with adapters ----
 
 use leash::model::lora::{Adapter, Adapters};
-use leash::model::lora_fused::lora_linear;
+use leash::model::lora_fused::{lora_linear, lora_linear_dropout};
 
 /// The fused op vs the composed path in f32 (same math, different rounding).
 const FUSED_VS_COMPOSED_TOL: f64 = 1e-5;
@@ -237,6 +237,43 @@ fn fused_lora_linear_matches_the_composed_path() {
             // store holds nothing.
             let known = [case.x.id(), case.a.id(), case.b.id(), case.r_weights.id()];
             assert_eq!(gf.get_ids().filter(|id| !known.contains(id)).count(), 0);
+        }
+    }
+}
+
+/// Training dropout inside the fused op: with a fixed keep mask, output and the gradients of
+/// x, A and B equal the composed path where only the low-rank branch sees x ⊙ keep / (1 − p).
+#[test]
+fn fused_lora_linear_with_dropout_matches_the_composed_path() {
+    let p = 0.3;
+    let keep: Vec<u8> = (0..35).map(|i| (i * 7 % 5 != 0) as u8).collect();
+    for transposed in [false, true] {
+        let case = lora_case(DType::F64, transposed, true);
+        let x = case.x.as_tensor();
+        let yf = lora_linear_dropout(
+            x,
+            &case.w_io,
+            case.bias.as_ref(),
+            case.a.as_tensor(),
+            case.b.as_tensor(),
+            SCALE,
+            keep.clone(),
+            p,
+        )
+        .unwrap();
+        let mask: Vec<f64> = keep.iter().map(|&k| k as f64 / (1.0 - p)).collect();
+        let mask = Tensor::from_vec(mask, (5, 7), &Device::Cpu).unwrap();
+        let dropped = (x * &mask).unwrap();
+        let low = dropped.matmul(&case.a.as_tensor().t().unwrap()).unwrap();
+        let update = (low.matmul(&case.b.as_tensor().t().unwrap()).unwrap() * SCALE).unwrap();
+        let base = x.matmul(&case.w_io).unwrap();
+        let yc = (base.broadcast_add(case.bias.as_ref().unwrap()).unwrap() + update).unwrap();
+        assert!(max_rel_diff(&yf, &yc) < 1e-12, "output");
+        let gf = case.objective(&yf).backward().unwrap();
+        let gc = case.objective(&yc).backward().unwrap();
+        for (name, var) in case.vars() {
+            let d = max_rel_diff(gf.get(var).unwrap(), gc.get(var).unwrap());
+            assert!(d < 1e-12, "d{name} (transposed {transposed}): {d}");
         }
     }
 }

@@ -3,7 +3,7 @@
 //! so the weights stay byte-identical to the checkpoint and save back under the same name.
 //!
 //! A frozen W under an adapter goes through the fused op of [`super::lora_fused`] (one output,
-//! no gradient for W) on CPU in f32/f64 without training dropout, else through
+//! no gradient for W; training dropout inside it) on CPU in f32/f64, else through
 //! [`FrozenMatmul`] plus the composed low-rank path: candle's matmul backward always computes
 //! the gradient of both operands, which for a frozen base would cost a weight-sized gradient
 //! per layer per step for nothing.
@@ -60,12 +60,17 @@ impl Module for Linear {
         let x2 = x.reshape((x.elem_count() / inp, inp))?; // (rows, in)
         let w = self.weight_in_out()?; // (in, out)
         let y = match &self.lora {
-            // Training dropout needs the dropped input only on the low-rank path: composed.
-            Some(ad)
-                if !(ad.dropout > 0.0 && ad.a.is_variable())
-                    && lora_fused::applies(&x2, &w, self.bias.as_ref(), &ad.a, &ad.b) =>
-            {
-                lora_fused::lora_linear(&x2, &w, self.bias.as_ref(), &ad.a, &ad.b, ad.scale)?
+            Some(ad) if lora_fused::applies(&x2, &w, self.bias.as_ref(), &ad.a, &ad.b) => {
+                let bias = self.bias.as_ref();
+                if ad.dropout > 0.0 && ad.a.is_variable() {
+                    // Training: the adapter sees a freshly dropped-out copy of its input.
+                    let keep = dropout_keep_mask(x2.elem_count(), ad.dropout);
+                    lora_fused::lora_linear_dropout(
+                        &x2, &w, bias, &ad.a, &ad.b, ad.scale, keep, ad.dropout,
+                    )?
+                } else {
+                    lora_fused::lora_linear(&x2, &w, bias, &ad.a, &ad.b, ad.scale)?
+                }
             }
             lora => {
                 let mut y = frozen_matmul(&x2, &w)?;
@@ -141,4 +146,15 @@ impl CustomOp1 for FrozenMatmul {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.w.t()?)?))
     }
+}
+
+/// One 0/1 byte per element: kept with probability 1 − p (independent draws; like candle's
+/// and PyTorch's dropout, not seeded by the run's seed).
+fn dropout_keep_mask(n: usize, p: f64) -> Vec<u8> {
+    use rand::Rng;
+    let threshold = (p * u32::MAX as f64) as u32;
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|_| (rng.gen::<u32>() > threshold) as u8)
+        .collect()
 }

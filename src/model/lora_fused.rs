@@ -12,7 +12,8 @@
 //!   dx = g·Wᵀ + s·(g·B)·A,   dA = s·(g·B)ᵀ·x,   dB = s·gᵀ·(x·Aᵀ).
 //! W and b are held by the op, not passed as inputs, so they get no gradient and no entry in
 //! candle's GradStore. GPT-2's transposed (in, out) storage and Llama's (out, in) are both
-//! read in place through strides.
+//! read in place through strides. Training dropout (`lora_dropout` > 0) happens inside the op
+//! on the low-rank branch only, from a 0/1 keep mask the op holds (one byte per input element).
 //!
 //! f32 and f64 (the f64 path exists so gradients can be checked by finite differences);
 //! `tests/gradients.rs` checks output and all three gradients against the composed path and
@@ -54,8 +55,75 @@ pub fn lora_linear(
             w: w_io.clone(),
             bias: bias.cloned(),
             scale,
+            dropout: None,
         },
     )
+}
+
+/// As [`lora_linear`], with training dropout on the adapter's input (PEFT's `lora_dropout`):
+/// the low-rank path sees `x ⊙ keep / (1 − p)`, the base sees x. `keep` (one 0/1 byte per
+/// element of x, row-major) is held by the op — a quarter of x's bytes — and the dropped input
+/// is rebuilt in backward instead of kept.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear_dropout(
+    x: &Tensor,
+    w_io: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    keep: Vec<u8>,
+    p: f64,
+) -> candle_core::Result<Tensor> {
+    if keep.len() != x.elem_count() || !(0.0..1.0).contains(&p) {
+        candle_core::bail!(
+            "lora-linear: dropout mask of {} for {} inputs, p {p}",
+            keep.len(),
+            x.elem_count()
+        )
+    }
+    x.apply_op3(
+        a,
+        b,
+        LoraLinear {
+            w: w_io.clone(),
+            bias: bias.cloned(),
+            scale,
+            dropout: Some(Dropout {
+                keep,
+                inv_keep: 1.0 / (1.0 - p),
+            }),
+        },
+    )
+}
+
+struct Dropout {
+    keep: Vec<u8>,
+    inv_keep: f64,
+}
+
+impl Dropout {
+    /// x ⊙ keep / (1 − p) as a dense (n, i) buffer.
+    fn apply<T: Float>(&self, x: Mat<T>) -> Vec<T> {
+        let mut out = vec![T::ZERO; x.rows * x.cols];
+        let k = T::of(self.inv_keep);
+        for r in 0..x.rows {
+            for c in 0..x.cols {
+                if self.keep[r * x.cols + c] != 0 {
+                    out[r * x.cols + c] = T::mul(x.data[r * x.rs + c * x.cs], k);
+                }
+            }
+        }
+        out
+    }
+
+    /// v ⊙ keep / (1 − p) in place (v dense, same shape as x).
+    fn mask_in_place<T: Float>(&self, v: &mut [T]) {
+        let k = T::of(self.inv_keep);
+        for (v, &keep) in v.iter_mut().zip(&self.keep) {
+            *v = if keep != 0 { T::mul(*v, k) } else { T::ZERO };
+        }
+    }
 }
 
 struct LoraLinear {
@@ -64,12 +132,15 @@ struct LoraLinear {
     /// (o)
     bias: Option<Tensor>,
     scale: f64,
+    dropout: Option<Dropout>,
 }
 
 /// The element types the kernels run in.
 trait Float: Copy + Send + Sync + 'static {
     const ZERO: Self;
     fn of(v: f64) -> Self;
+    fn mul(a: Self, b: Self) -> Self;
+    fn add(a: Self, b: Self) -> Self;
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
     fn storage(v: Vec<Self>) -> CpuStorage;
 }
@@ -78,6 +149,12 @@ impl Float for f32 {
     const ZERO: Self = 0.0;
     fn of(v: f64) -> Self {
         v as f32
+    }
+    fn mul(a: Self, b: Self) -> Self {
+        a * b
+    }
+    fn add(a: Self, b: Self) -> Self {
+        a + b
     }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
         match s {
@@ -94,6 +171,12 @@ impl Float for f64 {
     const ZERO: Self = 0.0;
     fn of(v: f64) -> Self {
         v
+    }
+    fn mul(a: Self, b: Self) -> Self {
+        a * b
+    }
+    fn add(a: Self, b: Self) -> Self {
+        a + b
     }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
         match s {
@@ -273,8 +356,10 @@ impl LoraLinear {
                 None => false,
             };
             gemm_into(&mut y, with_bias, 1.0, x, w)?; // y (+)= x·W
+            let dropped = self.dropout.as_ref().map(|d| d.apply(x));
+            let xin = dropped.as_deref().map_or(x, |v| Mat::dense(v, n, x.cols));
             let mut low = vec![T::ZERO; n * r];
-            gemm_into(&mut low, false, 1.0, x, a.t())?; // (n, r) = x·Aᵀ
+            gemm_into(&mut low, false, 1.0, xin, a.t())?; // (n, r) = x·Aᵀ
             gemm_into(&mut y, true, self.scale, Mat::dense(&low, n, r), b.t())?; // y += s·low·Bᵀ
             Ok((T::storage(y), Shape::from((n, o))))
         })
@@ -355,11 +440,25 @@ impl LoraLinear {
                             let dx = if xt.track_op() {
                                 let mut dx = vec![T::ZERO; n * i];
                                 gemm_into(&mut dx, false, 1.0, g, w.t())?; // g·Wᵀ
-                                gemm_into(&mut dx, true, s, gb, a)?; // + s·(g·B)·A
+                                match &self.dropout {
+                                    None => gemm_into(&mut dx, true, s, gb, a)?, // + s·(g·B)·A
+                                    Some(d) => {
+                                        // + s·((g·B)·A) ⊙ keep / (1 − p)
+                                        let mut low_grad = vec![T::ZERO; n * i];
+                                        gemm_into(&mut low_grad, false, s, gb, a)?;
+                                        d.mask_in_place(&mut low_grad);
+                                        for (dx, &l) in dx.iter_mut().zip(&low_grad) {
+                                            *dx = <T as Float>::add(*dx, l);
+                                        }
+                                    }
+                                }
                                 Some(Tensor::from_vec(dx, (n, i), &Device::Cpu)?)
                             } else {
                                 None
                             };
+                            // The adapter's input: x, or x with this step's dropout rebuilt.
+                            let dropped = self.dropout.as_ref().map(|d| d.apply(x));
+                            let x = dropped.as_deref().map_or(x, |v| Mat::dense(v, n, i));
                             let da = if at.track_op() {
                                 let mut da = vec![T::ZERO; r * i];
                                 gemm_into(&mut da, false, s, gb.t(), x)?; // s·(g·B)ᵀ·x
