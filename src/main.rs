@@ -34,7 +34,8 @@ enum Command {
         small: bool,
     },
     /// Reproduce one lesson of preference optimization on real runs, with report, plot and a
-    /// computed verdict: logps, grad, overtrain, beta-sweep, ipo-vs-dpo, kto.
+    /// computed verdict: logps, grad, overtrain, beta-sweep, ipo-vs-dpo, kto, dpo-vs-grpo,
+    /// length-bias, lora.
     Lab {
         experiment: String,
         #[arg(long, default_value = "runs/lab")]
