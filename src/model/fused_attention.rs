@@ -15,10 +15,10 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::fused::{data, dot, sum};
+use super::gemm::{gemm_into_serial, Mat};
 
 /// softmax(scale·q·kᵀ + mask)·v for q (b, hq, t, d), k and v (b, hkv, s, d), mask (b, 1, t, s).
 /// Returns (b, hq, t, d). All f32 on the CPU.
@@ -83,8 +83,9 @@ struct Attention {
     probs: Mutex<Option<Vec<f32>>>,
 }
 
-/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)` on row-major slices; `*_t` reads the operand
-/// transposed (its storage is n×k or k×m row-major). Single-threaded: blocks run in parallel.
+/// `dst (m×n) = [dst +] alpha · lhs (m×k) · rhs (k×n)` on row-major slices; `*_t` reads the
+/// operand transposed (its storage is k×m or n×k row-major). Single-threaded: blocks run in
+/// parallel.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     dst: &mut [f32],
@@ -95,36 +96,18 @@ fn matmul(
     rhs_t: bool,
     (m, k, n): (usize, usize, usize),
     alpha: f32,
-) {
-    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
-    // (row stride, column stride) of each operand as stored.
-    let (lrs, lcs) = if lhs_t { (1, m) } else { (k, 1) };
-    let (rrs, rcs) = if rhs_t { (1, k) } else { (n, 1) };
-    // SAFETY: the assert above bounds every index gemm touches (m·n, m·k, k·n elements with
-    // the strides given); the slices do not alias (dst is &mut).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lcs as isize,
-            lrs as isize,
-            rhs.as_ptr(),
-            rcs as isize,
-            rrs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
+) -> candle_core::Result<()> {
+    let lhs = if lhs_t {
+        Mat::dense(lhs, k, m).t()
+    } else {
+        Mat::dense(lhs, m, k)
+    };
+    let rhs = if rhs_t {
+        Mat::dense(rhs, n, k).t()
+    } else {
+        Mat::dense(rhs, k, n)
+    };
+    gemm_into_serial(dst, accumulate, alpha as f64, lhs, rhs)
 }
 
 fn f32_slice<'a>(storage: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -170,7 +153,7 @@ impl CustomOp3 for Attention {
             .par_chunks_mut(t * s)
             .zip(out.par_chunks_mut(t * d))
             .enumerate()
-            .for_each(|(block, (p, o))| {
+            .try_for_each(|(block, (p, o))| -> candle_core::Result<()> {
                 let (batch, head) = (block / hq, block % hq);
                 let kv = (batch * hkv + head / rep) * s * d;
                 let qb = &q[block * t * d..(block + 1) * t * d];
@@ -183,7 +166,7 @@ impl CustomOp3 for Attention {
                     true,
                     (t, d, s),
                     1.0,
-                );
+                )?;
                 for (i, row) in p.chunks_mut(s).enumerate() {
                     let m = &mask[(batch * t + i) * s..(batch * t + i + 1) * s];
                     let mut max = f32::NEG_INFINITY;
@@ -208,8 +191,8 @@ impl CustomOp3 for Attention {
                     false,
                     (t, s, d),
                     1.0,
-                );
-            });
+                )
+            })?;
         if let Ok(mut saved) = self.probs.lock() {
             *saved = Some(probs);
         }
@@ -259,7 +242,7 @@ impl CustomOp3 for Attention {
             .zip(dv.par_chunks_mut(s * d))
             .zip(dq.par_chunks_mut(rep * t * d))
             .enumerate()
-            .for_each(|(group, ((dk, dv), dq))| {
+            .try_for_each(|(group, ((dk, dv), dq))| -> candle_core::Result<()> {
                 let kv = group * s * d;
                 let (kb, vb) = (&k_[kv..kv + s * d], &v_[kv..kv + s * d]);
                 let mut ds = vec![0f32; t * s];
@@ -269,9 +252,9 @@ impl CustomOp3 for Attention {
                     let go = &g_[block * t * d..(block + 1) * t * d];
                     let qb = &q_[block * t * d..(block + 1) * t * d];
                     // dV += Pᵀ·dO
-                    matmul(dv, r > 0, p, true, go, false, (s, t, d), 1.0);
+                    matmul(dv, r > 0, p, true, go, false, (s, t, d), 1.0)?;
                     // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P))
-                    matmul(&mut ds, false, go, false, vb, true, (t, d, s), 1.0);
+                    matmul(&mut ds, false, go, false, vb, true, (t, d, s), 1.0)?;
                     for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
                         let c = dot(dsr, pr);
                         for (x, &p) in dsr.iter_mut().zip(pr) {
@@ -280,10 +263,11 @@ impl CustomOp3 for Attention {
                     }
                     // dQ = scale·dS·K; dK += scale·dSᵀ·Q
                     let dqb = &mut dq[r * t * d..(r + 1) * t * d];
-                    matmul(dqb, false, &ds, false, kb, false, (t, s, d), self.scale);
-                    matmul(dk, r > 0, &ds, true, qb, false, (s, t, d), self.scale);
+                    matmul(dqb, false, &ds, false, kb, false, (t, s, d), self.scale)?;
+                    matmul(dk, r > 0, &ds, true, qb, false, (s, t, d), self.scale)?;
                 }
-            });
+                Ok(())
+            })?;
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, (b, hq, t, d), dev)?),

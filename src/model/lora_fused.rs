@@ -24,6 +24,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
 
+use super::gemm::{gemm_into, Float, Mat};
+
 /// Whether the fused op takes these operands: everything on CPU in the same f32/f64 dtype,
 /// and the base weight and bias frozen.
 pub fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor) -> bool {
@@ -110,7 +112,7 @@ impl Dropout {
         for r in 0..x.rows {
             for c in 0..x.cols {
                 if self.keep[r * x.cols + c] != 0 {
-                    out[r * x.cols + c] = T::mul(x.data[r * x.rs + c * x.cs], k);
+                    out[r * x.cols + c] = x.data[r * x.rs + c * x.cs] * k;
                 }
             }
         }
@@ -121,7 +123,7 @@ impl Dropout {
     fn mask_in_place<T: Float>(&self, v: &mut [T]) {
         let k = T::of(self.inv_keep);
         for (v, &keep) in v.iter_mut().zip(&self.keep) {
-            *v = if keep != 0 { T::mul(*v, k) } else { T::ZERO };
+            *v = if keep != 0 { *v * k } else { T::ZERO };
         }
     }
 }
@@ -133,170 +135,6 @@ struct LoraLinear {
     bias: Option<Tensor>,
     scale: f64,
     dropout: Option<Dropout>,
-}
-
-/// The element types the kernels run in.
-trait Float: Copy + Send + Sync + 'static {
-    const ZERO: Self;
-    fn of(v: f64) -> Self;
-    fn mul(a: Self, b: Self) -> Self;
-    fn add(a: Self, b: Self) -> Self;
-    fn slice(s: &CpuStorage) -> Option<&[Self]>;
-    fn storage(v: Vec<Self>) -> CpuStorage;
-}
-
-impl Float for f32 {
-    const ZERO: Self = 0.0;
-    fn of(v: f64) -> Self {
-        v as f32
-    }
-    fn mul(a: Self, b: Self) -> Self {
-        a * b
-    }
-    fn add(a: Self, b: Self) -> Self {
-        a + b
-    }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-
-impl Float for f64 {
-    const ZERO: Self = 0.0;
-    fn of(v: f64) -> Self {
-        v
-    }
-    fn mul(a: Self, b: Self) -> Self {
-        a * b
-    }
-    fn add(a: Self, b: Self) -> Self {
-        a + b
-    }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
-
-/// A strided matrix view: element (i, j) at `data[i·rs + j·cs]`.
-#[derive(Clone, Copy)]
-struct Mat<'a, T> {
-    data: &'a [T],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a, T: Float> Mat<'a, T> {
-    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Self> {
-        let Some(data) = T::slice(s) else {
-            candle_core::bail!("lora-linear: {what} has dtype {:?}", s.dtype())
-        };
-        let (dims, st) = (l.dims(), l.stride());
-        if dims.len() != 2 {
-            candle_core::bail!("lora-linear: {what} must be 2-d, got {dims:?}")
-        }
-        let data = &data[l.start_offset()..];
-        let (rows, cols) = (dims[0], dims[1]);
-        if rows > 0 && cols > 0 && (rows - 1) * st[0] + (cols - 1) * st[1] >= data.len() {
-            candle_core::bail!("lora-linear: {what} layout runs past its storage")
-        }
-        Ok(Mat {
-            data,
-            rows,
-            cols,
-            rs: st[0],
-            cs: st[1],
-        })
-    }
-
-    fn dense(data: &'a [T], rows: usize, cols: usize) -> Self {
-        Mat {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
-    }
-
-    fn t(self) -> Self {
-        Mat {
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
-    }
-}
-
-/// dst (m, n) row-major ← (dst if `accumulate`) + beta·lhs·rhs.
-fn gemm_into<T: Float>(
-    dst: &mut [T],
-    accumulate: bool,
-    beta: f64,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
-) -> candle_core::Result<()> {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n {
-        candle_core::bail!(
-            "lora-linear: shapes ({m}, {k}) · ({}, {n}) into {} elements",
-            rhs.rows,
-            dst.len()
-        )
-    }
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            dst.fill(T::ZERO);
-        }
-        return Ok(());
-    }
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: every index gemm touches is inside its slice: dst is exactly m·n dense, and
-    // `Mat::of` / `Mat::dense` checked the last element of lhs and rhs is in bounds.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            T::of(1.0),
-            T::of(beta),
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    Ok(())
 }
 
 /// The (CPU storage, layout) of a held tensor, read under its lock by `f`.
@@ -448,7 +286,7 @@ impl LoraLinear {
                                         gemm_into(&mut low_grad, false, s, gb, a)?;
                                         d.mask_in_place(&mut low_grad);
                                         for (dx, &l) in dx.iter_mut().zip(&low_grad) {
-                                            *dx = <T as Float>::add(*dx, l);
+                                            *dx += l;
                                         }
                                     }
                                 }

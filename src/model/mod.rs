@@ -4,6 +4,7 @@ pub mod cache;
 pub mod config;
 pub mod fused;
 pub mod fused_attention;
+mod gemm;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;

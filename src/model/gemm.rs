@@ -1,0 +1,189 @@
+//! Matrix products on CPU slices through the `gemm` crate (the kernels candle's own matmul
+//! uses), for the fused ops that multiply inside one graph node: strided views, f32 and f64,
+//! bounds checked before the one `unsafe` call.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout};
+
+/// The element types the kernels run in.
+pub(super) trait Float:
+    Copy + Send + Sync + 'static + std::ops::AddAssign + std::ops::Mul<Output = Self>
+{
+    const ZERO: Self;
+    fn of(v: f64) -> Self;
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    fn of(v: f64) -> Self {
+        v
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// A strided matrix view: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub(super) struct Mat<'a, T> {
+    pub(super) data: &'a [T],
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) rs: usize,
+    pub(super) cs: usize,
+}
+
+impl<'a, T: Float> Mat<'a, T> {
+    pub(super) fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Self> {
+        let Some(data) = T::slice(s) else {
+            candle_core::bail!("fused op: {what} has dtype {:?}", s.dtype())
+        };
+        let (dims, st) = (l.dims(), l.stride());
+        if dims.len() != 2 {
+            candle_core::bail!("fused op: {what} must be 2-d, got {dims:?}")
+        }
+        let data = &data[l.start_offset()..];
+        let (rows, cols) = (dims[0], dims[1]);
+        if rows > 0 && cols > 0 && (rows - 1) * st[0] + (cols - 1) * st[1] >= data.len() {
+            candle_core::bail!("fused op: {what} layout runs past its storage")
+        }
+        Ok(Mat {
+            data,
+            rows,
+            cols,
+            rs: st[0],
+            cs: st[1],
+        })
+    }
+
+    pub(super) fn dense(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    pub(super) fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
+impl<T> Mat<'_, T> {
+    /// Whether every element the view addresses is inside its slice.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// dst (m, n) row-major ← (dst if `accumulate`) + beta·lhs·rhs, on candle's thread count.
+pub(super) fn gemm_into<T: Float>(
+    dst: &mut [T],
+    accumulate: bool,
+    beta: f64,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) -> candle_core::Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_with(dst, accumulate, beta, lhs, rhs, parallelism)
+}
+
+/// As [`gemm_into`] on the calling thread only (for kernels that parallelise over blocks).
+pub(super) fn gemm_into_serial<T: Float>(
+    dst: &mut [T],
+    accumulate: bool,
+    beta: f64,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) -> candle_core::Result<()> {
+    gemm_with(dst, accumulate, beta, lhs, rhs, gemm::Parallelism::None)
+}
+
+fn gemm_with<T: Float>(
+    dst: &mut [T],
+    accumulate: bool,
+    beta: f64,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    parallelism: gemm::Parallelism,
+) -> candle_core::Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k || dst.len() != m * n || !lhs.in_bounds() || !rhs.in_bounds() {
+        candle_core::bail!(
+            "gemm: shapes ({m}, {k}) · ({}, {n}) into {} elements, or a view past its slice",
+            rhs.rows,
+            dst.len()
+        )
+    }
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst.fill(T::ZERO);
+        }
+        return Ok(());
+    }
+    // SAFETY: every index gemm touches is inside its slice: dst is exactly m·n dense, and the
+    // last element of each of lhs and rhs was checked in bounds above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::of(1.0),
+            T::of(beta),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
