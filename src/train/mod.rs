@@ -12,3 +12,4 @@ pub mod reference;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
+pub mod update;

@@ -13,14 +13,14 @@ use serde_json::{Map, Value};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
 use super::config::{Method, TrainConfig};
-use super::examples::{prepare, to_sequence, Prepared, TrainExample};
-use super::grads::GradAccumulator;
+use super::examples::{prepare, Prepared, TrainExample};
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
-use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
+use super::optimizer::AdamW;
 use super::policy::{build_policy, save_weights, Policy};
 use super::reference::reference_cache;
 use super::schedule::{lr_factor, warmup_steps};
 use super::step::{micro_batch, RefLogps, Reference, StepContext};
+use super::update::{adamw, optimizer_step, sft_token_count};
 use crate::error::{LeashError, Result};
 use crate::model::Decoder;
 use crate::scoring::load_model;
@@ -113,17 +113,6 @@ pub(crate) fn check_output_dir(cfg: &TrainConfig) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| LeashError::io(dir, e, "check the path is writable"))
 }
 
-fn sft_token_count(prepared: &Prepared, batches: &[Vec<usize>], max_length: usize) -> f64 {
-    batches
-        .iter()
-        .flatten()
-        .map(|&i| match &prepared.examples[i].1 {
-            TrainExample::Sft(pc) => to_sequence(pc, max_length).scored_tokens(),
-            _ => 0,
-        })
-        .sum::<usize>() as f64
-}
-
 /// Runs training as configured. Progress and human lines go to stderr.
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     check_output_dir(cfg)?;
@@ -202,15 +191,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         _ => Reference::None,
     };
 
-    let mut opt = AdamW::new(
-        &vars,
-        AdamWSettings {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
-    );
+    let mut opt = adamw(cfg, &vars);
     let mut state = TrainerState {
         global_step: 0,
         total_tokens: 0,
@@ -245,8 +226,6 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
 
     for step in state.global_step..total {
         let batches = step_batches(cfg, n, step);
-        let micro = batches.len() as f64;
-        let sft_tokens = sft_token_count(&train_data, &batches, cfg.max_length);
         let ctx = StepContext {
             cfg,
             policy: &policy,
@@ -255,32 +234,15 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             pad_id: tokenizer.pad_id,
             device: &device,
         };
-        let mut grads = GradAccumulator::new(vars.len());
-        let mut step_loss = 0.0f64;
-        for positions in &batches {
-            let examples: Vec<(usize, &TrainExample)> = positions
-                .iter()
-                .map(|&i| (i, &train_data.examples[i].1))
-                .collect();
-            let out = micro_batch(&ctx, &examples, 1.0 / micro, sft_tokens)?;
-            let value = out.loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                bar.abandon();
-                return Err(LeashError::Stopped {
-                    message: format!("loss became {value} at step {} (nothing of this step was applied)", step + 1),
-                    hint: "the last checkpoint in the output folder is intact; lower --learning-rate or --beta, or keep --max-grad-norm on, and resume from it".into(),
-                });
-            }
-            step_loss += value;
-            let store = out.loss.backward()?;
-            grads.add(&store, &vars)?;
-            acc.add(&out.metrics);
-            state.total_tokens += out.tokens;
-        }
-        let mut grads = grads.finish(&vars)?;
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        let micro: Vec<Vec<(usize, &TrainExample)>> = batches
+            .iter()
+            .map(|b| b.iter().map(|&i| (i, &train_data.examples[i].1)).collect())
+            .collect();
         let lr = cfg.learning_rate * lr_factor(&cfg.lr_scheduler_type, step, warmup, total);
-        opt.step(&vars, &grads, lr)?;
+        let outcome = optimizer_step(&ctx, &vars, &mut opt, &micro, lr, step, &mut acc)
+            .inspect_err(|_| bar.abandon())?;
+        let (step_loss, grad_norm) = (outcome.loss, outcome.grad_norm);
+        state.total_tokens += outcome.tokens;
         state.global_step = step + 1;
         loss_sum += step_loss;
         loss_steps += 1;
@@ -301,6 +263,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 record.insert("num_tokens".into(), (state.total_tokens as f64).into());
             }
             record.extend(acc.take());
+            if done {
+                // Not a TRL metric: the run's peak resident memory, in its last log line.
+                record.insert("peak_rss_mib".into(), crate::runtime::peak_rss_mib().into());
+            }
             last_loss = Some(loss_sum / loss_steps as f64);
             (loss_sum, loss_steps) = (0.0, 0);
             if cfg.method == Method::Dpo {
@@ -368,7 +334,7 @@ pub fn evaluate(
     for chunk in positions.chunks(cfg.per_device_eval_batch_size) {
         let examples: Vec<(usize, &TrainExample)> =
             chunk.iter().map(|&i| (i, &data.examples[i].1)).collect();
-        let tokens = sft_token_count(data, &[chunk.to_vec()], cfg.max_length);
+        let tokens = sft_token_count(&[examples.clone()], cfg.max_length);
         let out = micro_batch(&ctx, &examples, 1.0, tokens)?;
         losses.push(out.loss.to_scalar::<f32>()? as f64);
         acc.add(&out.metrics);
