@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
 use super::config::{Method, TrainConfig};
-use super::examples::{prepare, to_sequence, Prepared, TrainExample};
+use super::examples::{prepare_with, to_sequence, Prepared, TrainExample};
 use super::grads::GradAccumulator;
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
@@ -118,7 +118,12 @@ fn sft_token_count(prepared: &Prepared, batches: &[Vec<usize>], max_length: usiz
         .iter()
         .flatten()
         .map(|&i| match &prepared.examples[i].1 {
-            TrainExample::Sft(pc) => to_sequence(pc, max_length).scored_tokens(),
+            TrainExample::Sft(pc) => {
+                let s = to_sequence(pc, max_length);
+                (s.loss_start.max(1)..s.ids.len())
+                    .filter(|&p| pc.in_loss(p))
+                    .count()
+            }
             _ => 0,
         })
         .sum::<usize>() as f64
@@ -131,9 +136,24 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let device = Device::Cpu;
     let (base, tokenizer) = load_model(&cfg.model, &device)?;
     let bs = cfg.per_device_train_batch_size;
-    let train_data = prepare(cfg.method, &cfg.dataset, &tokenizer, cfg.max_length, bs)?;
+    let aol = cfg.assistant_only_loss;
+    let train_data = prepare_with(
+        cfg.method,
+        &cfg.dataset,
+        &tokenizer,
+        cfg.max_length,
+        bs,
+        aol,
+    )?;
     let eval_data = match &cfg.eval_dataset {
-        Some(path) => Some(prepare(cfg.method, path, &tokenizer, cfg.max_length, bs)?),
+        Some(path) => Some(prepare_with(
+            cfg.method,
+            path,
+            &tokenizer,
+            cfg.max_length,
+            bs,
+            aol,
+        )?),
         None => None,
     };
     if train_data.dropped > 0 {
