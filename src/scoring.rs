@@ -45,6 +45,7 @@ pub fn score_dataset(
         tokenizer,
         style: Style::Trl,
         path: dataset,
+        assistant_only_loss: false,
     };
     let encoded = encoder.encode_rows(&rows)?;
     for chunk in encoded.chunks(SCORE_BATCH / 2) {

@@ -1,5 +1,7 @@
-//! Conversational rows are rendered with the checkpoint's chat template and then scored like
-//! the equivalent plain-text row; implicit-prompt rows split at the common prefix.
+//! Conversational rows are rendered with the checkpoint's chat template and tokenized as TRL
+//! does: without the tokenizer's special tokens (the template writes its own) and without an
+//! appended EOS, so they score like the equivalent plain-text row minus its added BOS and EOS;
+//! implicit-prompt rows split at the common prefix.
 
 mod common;
 use common::{copy_fixture, leash};
@@ -38,12 +40,21 @@ fn conversation_scores_like_its_rendered_text() {
     fs::write(&cfg_path, cfg.to_string()).unwrap();
 
     let conv = r#"{"prompt":[{"role":"user","content":"Q: 2 + 2?"}],"chosen":[{"role":"assistant","content":"Sure, 4."}],"rejected":[{"role":"assistant","content":"5"}]}"#;
+    let conv_implicit = r#"{"chosen":[{"role":"user","content":"Q: 2 + 2?"},{"role":"assistant","content":"Sure, 4."}],"rejected":[{"role":"user","content":"Q: 2 + 2?"},{"role":"assistant","content":"5"}]}"#;
     let plain =
         r#"{"prompt":"user: Q: 2 + 2?\nassistant:","chosen":" Sure, 4.\n","rejected":" 5\n"}"#;
     let implicit = r#"{"chosen":"user: Q: 2 + 2?\nassistant: Sure, 4.\n","rejected":"user: Q: 2 + 2?\nassistant: 5\n"}"#;
     let a = logps(dir.path(), &format!("{conv}\n"));
     let b = logps(dir.path(), &format!("{plain}\n"));
     let c = logps(dir.path(), &format!("{implicit}\n"));
+    let d = logps(dir.path(), &format!("{conv_implicit}\n"));
+    let ids = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
     for key in [
         "prompt_ids",
         "chosen_ids",
@@ -51,8 +62,16 @@ fn conversation_scores_like_its_rendered_text() {
         "chosen_logp",
         "rejected_logp",
     ] {
-        assert_eq!(a[0][key], b[0][key], "{key}");
         assert_eq!(c[0][key], b[0][key], "implicit {key}");
+        assert_eq!(d[0][key], a[0][key], "implicit conversation {key}");
+    }
+    // The plain row gets BOS (id 1) from the tokenizer and EOS (id 2) appended as text.
+    assert_eq!(ids(&b[0]["prompt_ids"])[0], 1);
+    assert_eq!(ids(&a[0]["prompt_ids"]), ids(&b[0]["prompt_ids"])[1..]);
+    for key in ["chosen_ids", "rejected_ids"] {
+        let plain = ids(&b[0][key]);
+        assert_eq!(plain.last(), Some(&2));
+        assert_eq!(ids(&a[0][key]), plain[..plain.len() - 1], "{key}");
     }
 }
 

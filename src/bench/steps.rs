@@ -88,6 +88,7 @@ pub fn examples(seqs: &[Sequence], sft: bool) -> Vec<TrainExample> {
     let pc = |s: &Sequence| PromptCompletion {
         prompt: s.ids[..s.loss_start].to_vec(),
         completion: s.ids[s.loss_start..].to_vec(),
+        loss_mask: None,
     };
     let p = seqs.len() / 2;
     if sft {

@@ -69,3 +69,42 @@ pub fn collate(
         n_tokens: lengths.iter().sum(),
     })
 }
+
+/// Keeps only the scored tokens at positions `keep(sequence, position)` accepts (SFT's
+/// assistant_only_loss). Both [`collate`] and `collate_packed` list each sequence's scored
+/// tokens in order from position `max(loss_start, 1)`, which is how positions are recovered;
+/// a target that is not the sequence's id at that position is an error, not a silent skip.
+pub fn retain_scored(
+    b: &mut Collated,
+    seqs: &[&Sequence],
+    keep: impl Fn(usize, usize) -> bool,
+) -> crate::error::Result<()> {
+    let mut next: Vec<usize> = seqs
+        .iter()
+        .map(|s| s.loss_start.min(s.ids.len()).max(1))
+        .collect();
+    let mut kept = 0;
+    for i in 0..b.targets.len() {
+        let s = b.seq_of[i] as usize;
+        let pos = next.get(s).copied().unwrap_or(usize::MAX);
+        if seqs.get(s).and_then(|q| q.ids.get(pos)) != Some(&b.targets[i]) {
+            return Err(crate::error::LeashError::usage(
+                format!("scored token {i} is not token {pos} of sequence {s}"),
+                "this is a bug in leash's batching; please report it",
+            ));
+        }
+        next[s] += 1;
+        if keep(s, pos) {
+            b.score_rows[kept] = b.score_rows[i];
+            b.targets[kept] = b.targets[i];
+            b.seq_of[kept] = b.seq_of[i];
+            b.in_completion[kept] = b.in_completion[i];
+            kept += 1;
+        }
+    }
+    b.score_rows.truncate(kept);
+    b.targets.truncate(kept);
+    b.seq_of.truncate(kept);
+    b.in_completion.truncate(kept);
+    Ok(())
+}

@@ -1,13 +1,17 @@
-//! Turns rows into token ids exactly as TRL does (see tests/fixtures/tiny-llama/golden):
-//! EOS appended to each completion as text unless already there; prompt and prompt+completion
-//! tokenized separately with the tokenizer's own special tokens; the completion is the ids
-//! after their longest common prefix. Truncation keeps the start and happens at batching time
-//! ([`Sequence::new`]), so the full ids stay available for reporting.
+//! Turns rows into token ids exactly as TRL does (see tests/fixtures/tiny-llama/golden).
+//! Plain text: EOS appended to each completion as text unless already there; prompt and
+//! prompt+completion tokenized separately with the tokenizer's own special tokens; the
+//! completion is the ids after their longest common prefix. Conversations: see
+//! [`super::conversation`] (the template's special tokens only, no EOS appended).
+//! Truncation keeps the start and happens at batching time ([`Sequence::new`]), so the full
+//! ids stay available for reporting.
 //!
-//! ORPO (TRL's `trl.experimental` ORPOTrainer) tokenizes without special tokens and adds the
-//! BOS/EOS ids itself: [`Style::Orpo`].
+//! ORPO (TRL's `trl.experimental` ORPOTrainer) renders conversations to text first, tokenizes
+//! without special tokens and adds the BOS/EOS ids itself: [`Style::Orpo`].
 
+use super::conversation::Chat;
 use super::read::{Content, Example, Message, Row};
+use super::template::ChatTemplate;
 use super::tokenizer::TextTokenizer;
 use crate::error::{LeashError, Result};
 use std::path::Path;
@@ -26,6 +30,19 @@ pub enum Style {
 pub struct PromptCompletion {
     pub prompt: Vec<u32>,
     pub completion: Vec<u32>,
+    /// SFT's assistant_only_loss: which of prompt+completion's ids are assistant output
+    /// (only those completion tokens are trained on). None: every completion token.
+    pub loss_mask: Option<Vec<bool>>,
+}
+
+impl PromptCompletion {
+    /// Whether the token at `position` of prompt+completion is trained on (given it is past
+    /// the prompt).
+    pub fn in_loss(&self, position: usize) -> bool {
+        self.loss_mask
+            .as_ref()
+            .is_none_or(|m| m.get(position).copied().unwrap_or(false))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +104,24 @@ pub struct Encoder<'a> {
     pub tokenizer: &'a TextTokenizer,
     pub style: Style,
     pub path: &'a Path,
+    /// SFT's assistant_only_loss: render with the training template and mark assistant tokens.
+    pub assistant_only_loss: bool,
+}
+
+/// The message lists of `parts` when all are conversations, None when all are text.
+fn conversations<'c>(parts: &[&'c Content]) -> Option<Option<Vec<&'c [Message]>>> {
+    let lists: Vec<&[Message]> = parts
+        .iter()
+        .filter_map(|c| match c {
+            Content::Messages(m) => Some(m.as_slice()),
+            Content::Text(_) => None,
+        })
+        .collect();
+    match lists.len() {
+        0 => Some(None),
+        n if n == parts.len() => Some(Some(lists)),
+        _ => None,
+    }
 }
 
 impl Encoder<'_> {
@@ -101,6 +136,65 @@ impl Encoder<'_> {
                 })
             })
             .collect()
+    }
+
+    fn template(&self) -> Result<&ChatTemplate> {
+        if self.assistant_only_loss {
+            self.tokenizer.training_template()
+        } else {
+            self.tokenizer.chat_template()
+        }
+    }
+
+    /// The row's conversations (TRL's tokenization of them) when `parts` are message lists;
+    /// None for plain text, or for ORPO, which renders conversations to text first.
+    fn chat<'c>(
+        &'c self,
+        row: &Row,
+        parts: &[&'c Content],
+    ) -> Result<Option<(Chat<'c>, Vec<&'c [Message]>)>> {
+        let lists = conversations(parts).ok_or_else(|| {
+            LeashError::row(
+                self.path,
+                row.line,
+                "the row mixes plain text and conversation",
+                "make its fields all strings or all message lists",
+            )
+        })?;
+        match lists {
+            Some(lists) if self.style == Style::Trl => {
+                if let Some(empty) = lists.iter().position(|l| l.is_empty()) {
+                    return Err(LeashError::row(
+                        self.path,
+                        row.line,
+                        format!(
+                            "conversation field {} of this row is an empty list",
+                            empty + 1
+                        ),
+                        "every conversation needs at least one message",
+                    ));
+                }
+                let chat = Chat::new(self.tokenizer, self.template()?, self.path, row)?;
+                Ok(Some((chat, lists)))
+            }
+            _ => {
+                self.plain_text_allowed(row)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// TRL refuses assistant_only_loss on plain text (there is no assistant to find).
+    fn plain_text_allowed(&self, row: &Row) -> Result<()> {
+        if self.assistant_only_loss {
+            return Err(LeashError::row(
+                self.path,
+                row.line,
+                "assistant_only_loss needs conversational rows, and this row is plain text",
+                "use `messages` (or prompt/completion message lists), or train without --assistant-only-loss",
+            ));
+        }
+        Ok(())
     }
 
     pub fn encode(&self, row: &Row) -> Result<Encoded> {
@@ -118,6 +212,10 @@ impl Encoder<'_> {
                 chosen,
                 rejected,
             } => {
+                if let Some((chat, l)) = self.chat(row, &[prompt, chosen, rejected])? {
+                    let (chosen, rejected) = chat.pair(l[0], l[1], l[2])?;
+                    return Ok(Encoded::Pair { chosen, rejected });
+                }
                 let (p1, c) = self.render_pair(prompt, chosen, row.line)?;
                 let (p2, r) = self.render_pair(prompt, rejected, row.line)?;
                 if c.is_empty() {
@@ -141,6 +239,12 @@ impl Encoder<'_> {
                 completion,
                 label,
             } => {
+                if let Some((chat, l)) = self.chat(row, &[prompt, completion])? {
+                    return Ok(Encoded::Unpaired {
+                        seq: chat.prompt_completion(l[0], l[1])?,
+                        label: *label,
+                    });
+                }
                 let (p, c) = self.render_pair(prompt, completion, row.line)?;
                 if c.is_empty() {
                     return Err(err("completion", "is empty"));
@@ -151,6 +255,13 @@ impl Encoder<'_> {
                 })
             }
             Example::Completion { prompt, completion } => {
+                if let Some((chat, l)) = self.chat(row, &[prompt, completion])? {
+                    return Ok(Encoded::Sft(if self.assistant_only_loss {
+                        chat.masked_prompt_completion(l[0], l[1])?
+                    } else {
+                        chat.prompt_completion(l[0], l[1])?
+                    }));
+                }
                 let (p, c) = self.render_pair(prompt, completion, row.line)?;
                 if c.is_empty() {
                     return Err(err("completion", "is empty"));
@@ -158,16 +269,42 @@ impl Encoder<'_> {
                 Ok(Encoded::Sft(self.prompt_completion(&p, &c)?))
             }
             Example::Text { text } => {
+                self.plain_text_allowed(row)?;
                 if text.is_empty() {
                     return Err(err("text", "is empty"));
                 }
                 Ok(Encoded::Sft(self.prompt_completion("", text)?))
             }
             Example::Conversation { messages } => {
-                let text = self.tokenizer.render_chat(messages, false)?;
-                Ok(Encoded::Sft(self.prompt_completion("", &text)?))
+                let content = Content::Messages(messages.clone());
+                match self.chat(row, &[&content])? {
+                    Some((chat, l)) => {
+                        let (ids, mask) = if self.assistant_only_loss {
+                            let (ids, mask) = chat.assistant_tokens(l[0])?;
+                            (ids, Some(mask))
+                        } else {
+                            (chat.ids(l[0], false)?, None)
+                        };
+                        Ok(Encoded::Sft(PromptCompletion {
+                            prompt: Vec::new(),
+                            completion: ids,
+                            loss_mask: mask,
+                        }))
+                    }
+                    // ORPO never reads `messages` rows; rendered text as a fallback.
+                    None => {
+                        let text = self.render_text(messages, false, row.line)?;
+                        Ok(Encoded::Sft(self.prompt_completion("", &text)?))
+                    }
+                }
             }
             Example::PromptOnly { prompt } => {
+                if let Some((chat, l)) = self.chat(row, &[prompt])? {
+                    return Ok(Encoded::Prompt {
+                        prompt: chat.ids(l[0], true)?,
+                        text: chat.render(l[0], true)?.text,
+                    });
+                }
                 let text = self.render_prompt(prompt)?;
                 Ok(Encoded::Prompt {
                     prompt: self.tokenize(&text)?,
@@ -177,20 +314,32 @@ impl Encoder<'_> {
         }
     }
 
-    /// The prompt as text, with the generation prompt opened for conversations.
+    /// Renders `messages` to text (ORPO's `maybe_apply_chat_template` path).
+    fn render_text(&self, messages: &[Message], gen: bool, line: usize) -> Result<String> {
+        let template = self.tokenizer.chat_template()?;
+        let opts = super::template::RenderOptions {
+            add_generation_prompt: gen,
+            special_tokens: self.tokenizer.template_tokens(),
+            ..Default::default()
+        };
+        template
+            .render(messages, &opts)
+            .map(|r| r.text)
+            .map_err(|f| f.at_row(self.path, line))
+    }
+
+    /// The prompt as text; conversations with the generation prompt, as GRPO renders them.
     pub fn render_prompt(&self, prompt: &Content) -> Result<String> {
         match prompt {
             Content::Text(t) => Ok(t.clone()),
-            Content::Messages(m) => {
-                let opens_assistant = m.last().is_none_or(|last| last.role != "assistant");
-                self.tokenizer.render_chat(m, opens_assistant)
-            }
+            Content::Messages(m) => self.render_text(m, true, 0),
         }
     }
 
-    /// (prompt text, completion text). Conversations: render prompt and prompt+completion
-    /// and take the completion as the text after their common prefix (TRL does the same,
-    /// since some templates insert tokens with `add_generation_prompt`).
+    /// (prompt text, completion text) for ORPO and plain text. Conversations: render prompt
+    /// and prompt+completion and take the completion as the text after their common prefix
+    /// (TRL's `apply_chat_template` does the same, since some templates insert tokens with
+    /// `add_generation_prompt`).
     fn render_pair(
         &self,
         prompt: &Content,
@@ -200,9 +349,10 @@ impl Encoder<'_> {
         match (prompt, completion) {
             (Content::Text(p), Content::Text(c)) => Ok((p.clone(), c.clone())),
             (Content::Messages(p), Content::Messages(c)) => {
-                let prompt_text = self.render_prompt(prompt)?;
+                let opens_assistant = p.last().is_none_or(|last| last.role != "assistant");
+                let prompt_text = self.render_text(p, opens_assistant, line)?;
                 let all: Vec<Message> = p.iter().chain(c.iter()).cloned().collect();
-                let full = self.tokenizer.render_chat(&all, false)?;
+                let full = self.render_text(&all, false, line)?;
                 let common: usize = prompt_text
                     .char_indices()
                     .zip(full.chars())
@@ -223,14 +373,8 @@ impl Encoder<'_> {
     fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         let tok = self.tokenizer;
         match self.style {
-            Style::Trl => {
-                // A rendered chat template usually already starts with the BOS text.
-                let has_bos = tok
-                    .bos_token
-                    .as_deref()
-                    .is_some_and(|b| !b.is_empty() && text.starts_with(b));
-                tok.encode(text, !has_bos)
-            }
+            // Plain text: `processing_class(text=...)`, special tokens included.
+            Style::Trl => tok.encode(text, true),
             Style::Orpo => {
                 let mut ids = tok.encode(text, false)?;
                 if let Some(bos) = tok.bos_id {
@@ -263,6 +407,7 @@ impl Encoder<'_> {
         Ok(PromptCompletion {
             prompt: prompt_ids[..common].to_vec(),
             completion: completion_ids,
+            loss_mask: None,
         })
     }
 }
@@ -276,6 +421,7 @@ mod tests {
         let pc = PromptCompletion {
             prompt: vec![1, 2, 3],
             completion: vec![4, 5, 6, 7],
+            loss_mask: None,
         };
         assert_eq!(
             Sequence::new(&pc, Some(5)).unwrap().ids,
@@ -299,7 +445,7 @@ mod properties {
         fn truncation_invariants(prompt in proptest::collection::vec(0u32..50, 1..20),
                                  completion in proptest::collection::vec(0u32..50, 1..20),
                                  max in 2usize..40) {
-            let pc = PromptCompletion { prompt: prompt.clone(), completion: completion.clone() };
+            let pc = PromptCompletion { prompt: prompt.clone(), completion: completion.clone(), loss_mask: None };
             match Sequence::new(&pc, Some(max)) {
                 None => prop_assert!(prompt.len() >= max),
                 Some(s) => {

@@ -11,10 +11,46 @@ use serde_json::{Map, Value};
 
 use crate::error::{read_text, LeashError, Result};
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// One message of a conversation: its role, its text (for length reports) and every field as
+/// given (`content`, `tool_calls`, `reasoning_content`, …), which the chat template sees.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub role: String,
+    /// `content` when it is a string; the text parts joined when it is a list of blocks.
     pub content: String,
+    pub fields: Map<String, Value>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        let mut fields = Map::new();
+        fields.insert("role".into(), role.into());
+        fields.insert("content".into(), content.into());
+        Message {
+            role: role.into(),
+            content: content.into(),
+            fields,
+        }
+    }
+
+    /// A message object from the data; None when it has no string `role`.
+    fn from_json(item: &Value) -> Option<Message> {
+        let fields = item.as_object()?;
+        let role = fields.get("role")?.as_str()?.to_string();
+        let content = match fields.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(blocks)) => blocks
+                .iter()
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .collect(),
+            _ => String::new(),
+        };
+        Some(Message {
+            role,
+            content,
+            fields: fields.clone(),
+        })
+    }
 }
 
 /// A text field: plain text, or a conversation to render with the chat template.
@@ -224,19 +260,14 @@ fn content_field(path: &Path, line: usize, obj: &Map<String, Value>, key: &str) 
         Value::Array(items) => {
             let mut messages = Vec::with_capacity(items.len());
             for item in items {
-                let role = item.get("role").and_then(Value::as_str);
-                let content = item.get("content").and_then(Value::as_str);
-                match (role, content) {
-                    (Some(role), Some(content)) => messages.push(Message {
-                        role: role.to_string(),
-                        content: content.to_string(),
-                    }),
-                    _ => {
+                match Message::from_json(item) {
+                    Some(m) => messages.push(m),
+                    None => {
                         return Err(field_error(
                             path,
                             line,
                             key,
-                            "has a message without string `role` and `content`",
+                            "has a message that is not an object with a string `role`",
                         ))
                     }
                 }
@@ -252,9 +283,15 @@ fn content_field(path: &Path, line: usize, obj: &Map<String, Value>, key: &str) 
     }
 }
 
+/// Where two transcripts first differ; None when one is a prefix of the other.
+fn first_difference<T: PartialEq>(a: &[T], b: &[T]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
 /// Implicit prompt: the longest common prefix of the two transcripts, as TRL's
 /// `extract_prompt` does (by message for conversations; by character for text, not splitting
-/// off a trailing space from the completions).
+/// off a trailing space from the completions). When one transcript is a prefix of the other,
+/// TRL's loop ends without a break and the prompt stops one element short of the shorter one.
 fn split_implicit_prompt(
     path: &Path,
     line: usize,
@@ -265,10 +302,11 @@ fn split_implicit_prompt(
         (Content::Text(c), Content::Text(r)) => {
             let cc: Vec<char> = c.chars().collect();
             let rc: Vec<char> = r.chars().collect();
-            let mut idx = cc.iter().zip(&rc).take_while(|(a, b)| a == b).count();
-            if idx < cc.len().min(rc.len()) && idx > 0 && cc[idx - 1] == ' ' {
-                idx -= 1;
-            }
+            let idx = match first_difference(&cc, &rc) {
+                Some(i) if i > 0 && cc[i - 1] == ' ' => i - 1,
+                Some(i) => i,
+                None => cc.len().min(rc.len()).saturating_sub(1),
+            };
             let prompt: String = cc[..idx].iter().collect();
             Ok(Example::Pair {
                 prompt: Content::Text(prompt),
@@ -277,7 +315,7 @@ fn split_implicit_prompt(
             })
         }
         (Content::Messages(c), Content::Messages(r)) => {
-            let idx = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+            let idx = first_difference(&c, &r).unwrap_or(c.len().min(r.len()).saturating_sub(1));
             if idx == 0 {
                 return Err(LeashError::row(
                     path,

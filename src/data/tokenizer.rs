@@ -1,12 +1,14 @@
 //! The checkpoint's tokenizer (`tokenizer.json` through the `tokenizers` crate), its special
 //! tokens from tokenizer_config.json (falling back to config.json ids), and its chat template.
+//! The chat template sees only the named special tokens tokenizer_config.json (or
+//! special_tokens_map.json) sets, as transformers' `special_tokens_map`.
 
 use std::path::Path;
 
 use serde_json::Value;
 
-use super::read::Message;
-use super::template::ChatTemplate;
+use super::template::{has_generation_markers, ChatTemplate};
+use super::training_templates::training_template_for;
 use crate::error::{read_text, LeashError, Result};
 use crate::model::ModelConfig;
 
@@ -18,7 +20,23 @@ pub struct TextTokenizer {
     pub eos_id: u32,
     pub pad_id: u32,
     chat_template: Option<ChatTemplate>,
+    /// For SFT's assistant_only_loss: the template itself when it marks assistant output,
+    /// else TRL's training variant of a template TRL knows (None: neither).
+    training_template: Option<ChatTemplate>,
+    /// (name, text) of each named special token that is set, for the chat template.
+    template_tokens: Vec<(String, String)>,
 }
+
+/// transformers' `SPECIAL_TOKENS_ATTRIBUTES`, in order.
+const NAMED_TOKENS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
 
 fn special_token(config: &Value, key: &str) -> Option<String> {
     match config.get(key)? {
@@ -81,23 +99,56 @@ impl TextTokenizer {
             .or(model.pad_token_id)
             .unwrap_or(eos_id);
 
+        let map_path = dir.join("special_tokens_map.json");
+        let map: Value = if map_path.exists() {
+            serde_json::from_str(&read_text(&map_path)?).map_err(|e| {
+                LeashError::file(&map_path, format!("malformed JSON: {e}"), "re-save it")
+            })?
+        } else {
+            Value::Null
+        };
+        let template_tokens = NAMED_TOKENS
+            .iter()
+            .filter_map(|name| {
+                let value = match config.get(*name) {
+                    Some(_) => special_token(&config, name),
+                    None => special_token(&map, name),
+                };
+                value.map(|v| (name.to_string(), v))
+            })
+            .collect();
+
         let template_file = dir.join("chat_template.jinja");
-        let chat_template = if template_file.exists() {
-            Some(ChatTemplate::new(
-                read_text(&template_file)?,
-                &template_file,
-            )?)
+        let source = if template_file.exists() {
+            Some((read_text(&template_file)?, template_file))
         } else {
             match config.get("chat_template") {
-                Some(Value::String(s)) => Some(ChatTemplate::new(s.clone(), &config_path)?),
+                Some(Value::String(s)) => Some((s.clone(), config_path.clone())),
                 Some(Value::Array(list)) => list
                     .iter()
                     .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
                     .or(list.first())
                     .and_then(|t| t.get("template").and_then(Value::as_str))
-                    .map(|s| ChatTemplate::new(s.to_string(), &config_path))
-                    .transpose()?,
+                    .map(|s| (s.to_string(), config_path.clone())),
                 _ => None,
+            }
+        };
+        let (chat_template, training_template) = match source {
+            None => (None, None),
+            Some((text, path)) => {
+                let training = if has_generation_markers(&text) {
+                    Some(ChatTemplate::new(text.clone(), &path)?)
+                } else {
+                    training_template_for(&text)
+                        .map(|(name, t)| {
+                            ChatTemplate::new(
+                                t.to_string(),
+                                Path::new(&format!("trl/chat_templates/{name}_training.jinja")),
+                            )
+                        })
+                        .transpose()?
+                };
+                (Some(ChatTemplate::new(text, &path)?), training)
             }
         };
         Ok(TextTokenizer {
@@ -108,6 +159,8 @@ impl TextTokenizer {
             eos_id,
             pad_id,
             chat_template,
+            training_template,
+            template_tokens,
         })
     }
 
@@ -125,6 +178,8 @@ impl TextTokenizer {
             eos_id,
             pad_id,
             chat_template: None,
+            training_template: None,
+            template_tokens: Vec::new(),
         }
     }
 
@@ -161,19 +216,45 @@ impl TextTokenizer {
         self.chat_template.is_some()
     }
 
-    /// Renders a conversation with the checkpoint's chat template.
-    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self.chat_template.as_ref().ok_or_else(|| {
+    /// The named special tokens the chat template sees.
+    pub fn template_tokens(&self) -> &[(String, String)] {
+        &self.template_tokens
+    }
+
+    /// The checkpoint's chat template; an error when it has none.
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        self.chat_template.as_ref().ok_or_else(|| {
             LeashError::usage(
                 "the data holds conversations but the tokenizer has no chat_template",
                 "add chat_template to tokenizer_config.json (or chat_template.jinja), or use plain-text prompts",
             )
+        })
+    }
+
+    /// The template SFT's assistant_only_loss renders with (TRL's rule): the chat template when
+    /// it has `{% generation %}` markers, else TRL's training variant of a template it knows;
+    /// an error otherwise.
+    pub fn training_template(&self) -> Result<&ChatTemplate> {
+        let template = self.chat_template()?;
+        self.training_template.as_ref().ok_or_else(|| {
+            LeashError::file(
+                template.source(),
+                "assistant_only_loss needs a chat template that marks assistant output with \
+                 {% generation %} ... {% endgeneration %}, and this one has no such markers",
+                "wrap each assistant message (and its end-of-turn token) in {% generation %} ... \
+                 {% endgeneration %} in chat_template.jinja, or train without --assistant-only-loss",
+            )
+        })
+    }
+
+    /// Token ids of `text` without special tokens, with each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, false).map_err(|e| {
+            LeashError::usage(
+                format!("tokenizer failed on {text:?}: {e}"),
+                "check the text is valid",
+            )
         })?;
-        template.render(
-            messages,
-            add_generation_prompt,
-            self.bos_token.as_deref().unwrap_or(""),
-            &self.eos_token,
-        )
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 }

@@ -45,6 +45,7 @@ pub fn prompts(path: &Path, tok: &TextTokenizer) -> Result<Vec<(String, Vec<u32>
         tokenizer: tok,
         style: Style::Trl,
         path,
+        assistant_only_loss: false,
     };
     let mut out = Vec::new();
     for row in &rows {

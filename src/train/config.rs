@@ -153,6 +153,11 @@ pub struct TrainArgs {
     /// Default false (TRL's default is true; see the README on why leash differs).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// SFT on conversations: train only on the assistant's tokens, those the chat template
+    /// wraps in {% generation %} … {% endgeneration %} (TRL's swap to its training template
+    /// included). Default false.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub assistant_only_loss: Option<bool>,
     /// Train a LoRA adapter instead of all weights; the frozen base (adapter off) is the reference.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_peft: Option<bool>,
@@ -255,6 +260,9 @@ pub struct TrainConfig {
     pub precompute_ref_log_probs: bool,
     pub padding_free: bool,
     pub gradient_checkpointing: bool,
+    /// Absent from configs written before it existed.
+    #[serde(default)]
+    pub assistant_only_loss: bool,
     pub use_peft: bool,
     pub lora_r: usize,
     pub lora_alpha: f64,
@@ -311,6 +319,7 @@ fn defaults(method: Method) -> Value {
         "precompute_ref_log_probs": false,
         "padding_free": true,
         "gradient_checkpointing": false,
+        "assistant_only_loss": false,
         "use_peft": false,
         "lora_r": 16,
         "lora_alpha": 32.0,
@@ -398,6 +407,15 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
     }
     if cfg.method == Method::Dpo {
         crate::loss::dpo::DpoLossType::parse(&cfg.loss_type)?;
+    }
+    if cfg.assistant_only_loss && cfg.method != Method::Sft {
+        return bad(
+            format!(
+                "assistant_only_loss is an SFT option, not `{}`'s",
+                cfg.method.name()
+            ),
+            "drop --assistant-only-loss (preference methods already score only the completions)",
+        );
     }
     if !(0.0..0.5).contains(&cfg.label_smoothing) {
         return bad(

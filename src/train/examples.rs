@@ -59,6 +59,24 @@ pub fn prepare(
     max_length: usize,
     batch_size: usize,
 ) -> Result<Prepared> {
+    prepare_with(method, path, tokenizer, max_length, batch_size, false)
+}
+
+/// Whether a truncated SFT example keeps a token in the loss (TRL drops fully masked rows).
+fn sft_keeps_a_token(pc: &PromptCompletion, max_length: usize) -> bool {
+    let end = (pc.prompt.len() + pc.completion.len()).min(max_length);
+    pc.prompt.len() < max_length && (pc.prompt.len().max(1)..end).any(|p| pc.in_loss(p))
+}
+
+/// As [`prepare`], with SFT's `assistant_only_loss`.
+pub fn prepare_with(
+    method: Method,
+    path: &Path,
+    tokenizer: &TextTokenizer,
+    max_length: usize,
+    batch_size: usize,
+    assistant_only_loss: bool,
+) -> Result<Prepared> {
     let rows = read_jsonl(path)?;
     for row in &rows {
         let ok = matches!(
@@ -93,6 +111,7 @@ pub fn prepare(
         tokenizer,
         style,
         path,
+        assistant_only_loss,
     };
     let encoded = encoder.encode_rows(&rows)?;
     let fits = |pc: &PromptCompletion| pc.prompt.len() < max_length;
@@ -101,7 +120,12 @@ pub fn prepare(
     let mut dropped = 0;
     for row in encoded {
         match row.item {
-            Encoded::Sft(pc) if fits(&pc) => examples.push((row.index, TrainExample::Sft(pc))),
+            Encoded::Sft(pc) if pc.loss_mask.is_none() && fits(&pc) => {
+                examples.push((row.index, TrainExample::Sft(pc)))
+            }
+            Encoded::Sft(pc) if sft_keeps_a_token(&pc, max_length) => {
+                examples.push((row.index, TrainExample::Sft(pc)))
+            }
             Encoded::Pair { chosen, rejected } if method == Method::Kto => {
                 for (pc, label) in [(chosen, true), (rejected, false)] {
                     if fits(&pc) {
@@ -127,6 +151,7 @@ pub fn prepare(
             let kl = PromptCompletion {
                 prompt: seq.prompt.clone(),
                 completion: other.completion.clone(),
+                loss_mask: None,
             };
             examples.push((
                 *index,

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor, D};
 
 use super::config::{Method, TrainConfig};
 use super::examples::{to_sequence, TrainExample};
-use crate::data::collate::{collate, Collated};
+use crate::data::collate::{collate, retain_scored, Collated};
 use crate::data::encode::{PromptCompletion, Sequence};
 use crate::data::pack::collate_packed;
 use crate::error::Result;
@@ -149,7 +149,12 @@ fn sft(
         })
         .collect();
     let seqs = sequences(&pcs, ctx.cfg.max_length);
-    let b = batch(ctx, &seqs, &[])?;
+    let mut b = batch(ctx, &seqs, &[])?;
+    if pcs.iter().any(|pc| pc.loss_mask.is_some()) {
+        // assistant_only_loss: only the assistant's tokens count (TRL's labels = -100 elsewhere).
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        retain_scored(&mut b, &refs, |s, p| pcs[s].in_loss(p))?;
+    }
     let scored = score_with_stats(ctx.policy, &b)?;
     let loss = (scored.token_logps.sum_all()?.neg()? / sft_tokens.max(1.0))?;
     let s = token_sums(&scored.stats, &b, |_| true);

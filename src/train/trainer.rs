@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
 use super::config::{Method, TrainConfig};
-use super::examples::{prepare, Prepared, TrainExample};
+use super::examples::{prepare_with, Prepared, TrainExample};
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
 use super::optimizer::AdamW;
 use super::policy::{build_policy, save_weights, Policy};
@@ -120,9 +120,24 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let device = Device::Cpu;
     let (base, tokenizer) = load_model(&cfg.model, &device)?;
     let bs = cfg.per_device_train_batch_size;
-    let train_data = prepare(cfg.method, &cfg.dataset, &tokenizer, cfg.max_length, bs)?;
+    let aol = cfg.assistant_only_loss;
+    let train_data = prepare_with(
+        cfg.method,
+        &cfg.dataset,
+        &tokenizer,
+        cfg.max_length,
+        bs,
+        aol,
+    )?;
     let eval_data = match &cfg.eval_dataset {
-        Some(path) => Some(prepare(cfg.method, path, &tokenizer, cfg.max_length, bs)?),
+        Some(path) => Some(prepare_with(
+            cfg.method,
+            path,
+            &tokenizer,
+            cfg.max_length,
+            bs,
+            aol,
+        )?),
         None => None,
     };
     if train_data.dropped > 0 {

@@ -44,7 +44,16 @@ pub fn sft_token_count(micro: &[Vec<(usize, &TrainExample)>], max_length: usize)
         .iter()
         .flatten()
         .map(|(_, e)| match e {
-            TrainExample::Sft(pc) => to_sequence(pc, max_length).scored_tokens(),
+            TrainExample::Sft(pc) => {
+                // assistant_only_loss: only the tokens the loss mask keeps count.
+                let s = to_sequence(pc, max_length);
+                match pc.loss_mask {
+                    None => s.scored_tokens(),
+                    Some(_) => (s.loss_start.max(1)..s.ids.len())
+                        .filter(|&p| pc.in_loss(p))
+                        .count(),
+                }
+            }
             _ => 0,
         })
         .sum::<usize>() as f64
