@@ -11,7 +11,8 @@ epoch. Both trainers run with their own defaults otherwise (live reference model
 Per-step time = (wall time of a 9-step run - wall time of a 3-step run) / 6, so start-up, loading
 and the final save cancel. Each run is its own process (its peak RSS is that process's
 ru_maxrss). The runs alternate TRL, leash, TRL, leash, ... and the script prints each run, the
-per-step times and the ratio TRL / leash.
+per-step times and the ratio TRL / leash, from wall time and from CPU time (user + system of
+the process; steadier than wall time when other work shares the machine).
 
 Usage, from the repository root after `cargo build --release`:
 
@@ -98,12 +99,13 @@ def vm_hwm_mib() -> float:
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 
 
-def run(cmd: list[str], env: dict, out: str) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process (TRL prints it; leash logs it as
-    `peak_rss_mib` in the last line of metrics.jsonl)."""
+def run(cmd: list[str], env: dict, out: str) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one child process (TRL
+    prints its peak; leash logs it as `peak_rss_mib` in the last line of metrics.jsonl)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, _ = os.wait4(proc.pid, 0)
+    _, status, usage = os.wait4(proc.pid, 0)
+    cpu = usage.ru_utime + usage.ru_stime
     secs = time.perf_counter() - start
     err = proc.stderr.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
@@ -117,7 +119,7 @@ def run(cmd: list[str], env: dict, out: str) -> tuple[float, float]:
     metrics = Path(out) / "metrics.jsonl"
     if metrics.exists():
         rss = json.loads(metrics.read_text().splitlines()[-1]).get("peak_rss_mib", rss)
-    return secs, rss
+    return secs, cpu, rss
 
 
 def main() -> None:
@@ -170,20 +172,27 @@ def main() -> None:
 
     for precompute in (False, True):
         label = "precompute_ref_log_probs" if precompute else "defaults (live reference)"
-        times = {("trl", s): [] for s in (SHORT, LONG)} | {("leash", s): [] for s in (SHORT, LONG)}
+        keys = [(side, s) for side in ("trl", "leash") for s in (SHORT, LONG)]
+        wall = {k: [] for k in keys}
+        cpu = {k: [] for k in keys}
         for _ in range(a.rounds):
             for steps in (SHORT, LONG):
                 for side in ("trl", "leash"):
                     cmd = command(side, steps, precompute)
-                    secs, rss = run(cmd, env, out_dir(side, steps, precompute))
-                    times[(side, steps)].append(secs)
-                    print(f"  {label}: {side:5} {steps} steps  {secs:7.2f} s  peak RSS {rss:6.0f} MiB", flush=True)
-        per_step = {side: (min(times[(side, LONG)]) - min(times[(side, SHORT)])) / (LONG - SHORT)
-                    for side in ("trl", "leash")}
+                    secs, cpu_s, rss = run(cmd, env, out_dir(side, steps, precompute))
+                    wall[(side, steps)].append(secs)
+                    cpu[(side, steps)].append(cpu_s)
+                    with open("/proc/loadavg") as f:
+                        load = f.read().split()[0]
+                    print(f"  {label}: {side:5} {steps} steps  wall {secs:7.2f} s  cpu {cpu_s:7.2f} s  "
+                          f"peak RSS {rss:6.0f} MiB  (load {load})", flush=True)
         tokens = 2 * PAIRS * (PROMPT_WORDS + 1 + COMPLETION_WORDS + 1)
-        print(f"{label}: TRL {per_step['trl']:.3f} s/step ({tokens / per_step['trl']:.0f} tok/s), "
-              f"leash {per_step['leash']:.3f} s/step ({tokens / per_step['leash']:.0f} tok/s), "
-              f"leash = {per_step['trl'] / per_step['leash']:.2f}x TRL", flush=True)
+        for name, t in (("wall", wall), ("cpu", cpu)):
+            per_step = {side: (min(t[(side, LONG)]) - min(t[(side, SHORT)])) / (LONG - SHORT)
+                        for side in ("trl", "leash")}
+            print(f"{label}, {name} time: TRL {per_step['trl']:.3f} s/step ({tokens / per_step['trl']:.0f} tok/s), "
+                  f"leash {per_step['leash']:.3f} s/step ({tokens / per_step['leash']:.0f} tok/s), "
+                  f"leash = {per_step['trl'] / per_step['leash']:.2f}x TRL", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ use crate::train::config::Method;
 use crate::train::grads::GradAccumulator;
 use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 
-/// The bench config of ../shared/notes/candle-training.md, and a SmolLM-135M-shaped model.
+/// The bench config of ../shared/notes/candle-training.md, and SmolLM-135M- and
+/// Qwen2.5-0.5B-shaped models.
 pub fn shape(name: &str) -> Result<ModelConfig> {
     let json = match name {
         "bench" => {
@@ -31,10 +32,13 @@ pub fn shape(name: &str) -> Result<ModelConfig> {
         "smollm-135m" => {
             r#"{"model_type":"llama","vocab_size":49152,"hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"tie_word_embeddings":true}"#
         }
+        "qwen2.5-0.5b" => {
+            r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"tie_word_embeddings":true,"rope_theta":1000000.0}"#
+        }
         other => {
             return Err(crate::LeashError::usage(
                 format!("unknown bench shape `{other}`"),
-                "valid shapes: bench, smollm-135m",
+                "valid shapes: bench, smollm-135m, qwen2.5-0.5b",
             ))
         }
     };

@@ -130,7 +130,11 @@ pub fn time_train_step(
     steps: usize,
 ) -> Result<f64> {
     let device = Device::Cpu;
-    let frozen = Decoder::frozen_view(&policy.config, vars)?;
+    // Only KTO reads the policy's frozen view (its KL estimate); a LoRA policy has none to build.
+    let frozen = match cfg.method {
+        Method::Kto => Some(Decoder::frozen_view(&policy.config, vars)?),
+        _ => None,
+    };
     let cache: HashMap<usize, RefLogps> =
         (0..examples.len()).map(|i| (i, (-300.0, -300.0))).collect();
     let micro = vec![examples.iter().enumerate().collect::<Vec<_>>()];
@@ -141,7 +145,7 @@ pub fn time_train_step(
         let ctx = StepContext {
             cfg,
             policy,
-            policy_frozen: &frozen,
+            policy_frozen: frozen.as_ref().unwrap_or(policy),
             reference: match (cfg.method, reference) {
                 (Method::Sft | Method::Orpo, _) => Reference::None,
                 (_, Some(r)) => Reference::Model(r),
