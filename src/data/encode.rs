@@ -148,6 +148,7 @@ impl Encoder<'_> {
 
     /// The row's conversations (TRL's tokenization of them) when `parts` are message lists;
     /// None for plain text, or for ORPO, which renders conversations to text first.
+    #[allow(clippy::type_complexity)]
     fn chat<'c>(
         &'c self,
         row: &Row,

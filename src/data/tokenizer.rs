@@ -248,6 +248,8 @@ impl TextTokenizer {
     }
 
     /// Token ids of `text` without special tokens, with each token's byte range in `text`.
+    // (ids, byte offsets of each token in `text`)
+    #[allow(clippy::type_complexity)]
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
         let enc = self.inner.encode(text, false).map_err(|e| {
             LeashError::usage(
