@@ -28,7 +28,9 @@ With --leash PATH (the built leash binary) it also:
 Tokenization and scoring follow scripts/make_fixtures.py (imported): TRL's DPOTrainer rules, one
 unpadded float32 sequence per forward pass, eager attention, max_length 128.
 
-Run from the repository root (torch 2.15.0, transformers 5.24.0, peft 0.21.2, CPU):
+It recreates the fixture folders, so run scripts/make_dpo_golden.py afterwards (it writes
+tiny-qwen3/golden_dpo.json). Run from the repository root (torch 2.15.0, transformers 5.24.0,
+peft 0.21.2, CPU):
 
     /opt/pyenv/bin/python scripts/make_family_fixtures.py [--leash target/debug/leash]
 """
@@ -199,9 +201,9 @@ def max_diff(a: list[dict], b: list[dict]) -> float:
     return max(abs(x[f"{k}_logp"] - y[f"{k}_logp"]) for x, y in zip(a, b) for k in ("chosen", "rejected"))
 
 
-def leash_dpo(leash: str, model: Path, out: Path, extra: list[str]) -> None:
+def leash_dpo(leash: str, model: Path, out: Path, extra: list[str], lr: str = "1e-3", steps: str = "2") -> None:
     run([leash, "dpo", "--model", str(model), "--dataset", str(LLAMA / "pref_train.jsonl"), "--output-dir", str(out),
-         "--max-steps", "2", "--per-device-train-batch-size", "4", "--learning-rate", "1e-3", *extra])
+         "--max-steps", steps, "--per-device-train-batch-size", "4", "--learning-rate", lr, *extra])
 
 
 def roundtrip(leash: str, name: str, tok, rows) -> None:
@@ -239,8 +241,7 @@ def leash_lora(leash: str, tok, rows) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         leash_dpo(leash, base, out, ["--use-peft", "--lora-target-modules", "all-linear", "--lora-r", "4",
-                                     "--lora-alpha", "8", "--lora-dropout", "0", "--learning-rate", "5e-2",
-                                     "--max-steps", "3"])
+                                     "--lora-alpha", "8", "--lora-dropout", "0"], lr="5e-2", steps="3")
         fresh_dir(dest)
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(out / f, dest / f)

@@ -474,6 +474,29 @@ fn sliding_window(model_type: &str, c: &LlamaJson, path: &Path) -> Result<Option
 /// Rope theta and scaling from either the legacy keys (`rope_theta`, `rope_scaling`) or
 /// transformers ≥ 5's `rope_parameters`.
 fn rope_settings(c: &LlamaJson, path: &Path) -> Result<(f64, RopeScaling)> {
+    let kind_of = |p: &Value| {
+        p.get("rope_type")
+            .or_else(|| p.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string()
+    };
+    if let (Some(new), Some(old)) = (
+        c.rope_parameters.as_ref().filter(|p| !p.is_null()),
+        c.rope_scaling.as_ref().filter(|p| !p.is_null()),
+    ) {
+        if kind_of(new) != kind_of(old) {
+            return Err(LeashError::file(
+                path,
+                format!(
+                    "rope_parameters says rope type `{}` but rope_scaling says `{}`",
+                    kind_of(new),
+                    kind_of(old)
+                ),
+                "keep one of the two keys (transformers ≥ 5 writes rope_parameters)",
+            ));
+        }
+    }
     let params = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
     let theta = c
         .rope_theta
