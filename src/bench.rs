@@ -15,7 +15,7 @@ use crate::data::collate::collate;
 use crate::data::encode::Sequence;
 use crate::error::Result;
 use crate::loss::logps::score;
-use crate::model::lora::{init_adapters, select_targets};
+use crate::model::lora::{init_adapters, select_targets, TargetModules};
 use crate::model::weights::{RandomInit, Weights};
 use crate::model::{Decoder, ModelConfig};
 use crate::train::config::Method;
@@ -248,7 +248,7 @@ pub fn run(
         // Same workload with a rank-16 adapter on every linear layer; the reference is the
         // base model with the adapter off (one copy of the weights in memory).
         let modules = base.linear_modules().to_vec();
-        let targets = select_targets(&modules, &["all-linear".to_string()])?;
+        let targets = select_targets(&modules, &TargetModules::from_cli("all-linear"))?;
         let (vars, adapters) = init_adapters(&targets, 16, 32.0, 0.0, 1, &device)?;
         let mut policy = base.with_adapters(&adapters)?;
         policy.set_gradient_checkpointing(checkpointing);

@@ -29,7 +29,29 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(Decoder, TextTokenizer
     }
     let model = Decoder::load(dir, device)?;
     let tokenizer = TextTokenizer::from_dir(dir, &model.config)?;
+    check_vocab_fits(dir, &tokenizer, model.config.vocab_size)?;
     Ok((model, tokenizer))
+}
+
+/// Every id the tokenizer can produce must index a row of the embedding; a larger tokenizer
+/// (e.g. tokens added without resizing the model) would fail deep inside the forward pass.
+fn check_vocab_fits(dir: &Path, tokenizer: &TextTokenizer, embedding_rows: usize) -> Result<()> {
+    let vocab = tokenizer.inner().get_vocab(true);
+    let Some((token, &max_id)) = vocab.iter().max_by_key(|(_, id)| **id) else {
+        return Ok(());
+    };
+    if (max_id as usize) < embedding_rows {
+        return Ok(());
+    }
+    Err(LeashError::file(
+        &dir.join("tokenizer.json"),
+        format!(
+            "the tokenizer has {} token ids (up to {max_id}, `{token}`) but the model's embedding has only {embedding_rows} rows (config.json vocab_size)",
+            max_id as usize + 1
+        ),
+        "the tokenizer belongs to another model, or tokens were added without resizing the \
+         embeddings; use the tokenizer saved with this model",
+    ))
 }
 
 /// Scores each row of `dataset`, calling `emit` with one JSON object per row, in order.

@@ -90,7 +90,7 @@ fn unsupported_architecture() {
     assert_error(
         code,
         &err,
-        &["unsupported model_type `t5`", "llama, mistral, qwen2, gpt2"],
+        &["unsupported model_type `t5`", "llama", "qwen3", "gpt2"],
     );
 }
 

@@ -13,10 +13,16 @@ use leash::data::encode::Sequence;
 use leash::loss::logps::score;
 use leash::model::checkpoint;
 use leash::model::linear::dropout_tape;
-use leash::model::lora::{init_adapters, select_targets};
+use leash::model::lora::{init_adapters, select_targets, TargetModules};
 use leash::model::Decoder;
 
-const FAMILIES: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"];
+const FAMILIES: [&str; 5] = [
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-gpt2",
+    "tiny-gpt2-untied",
+];
 
 fn batch() -> leash::data::collate::Collated {
     let seqs = [
@@ -89,7 +95,7 @@ fn lora_gradients_with_dropout_are_unchanged() {
     for family in FAMILIES {
         let base = Decoder::load(&fixture(family), &Device::Cpu).unwrap();
         let modules = base.linear_modules().to_vec();
-        let targets = select_targets(&modules, &["all-linear".to_string()]).unwrap();
+        let targets = select_targets(&modules, &TargetModules::from_cli("all-linear")).unwrap();
         let (vars, adapters) = init_adapters(&targets, 4, 8.0, 0.1, 7, &Device::Cpu).unwrap();
         for (name, v) in &vars {
             if name.contains("lora_B") {
@@ -124,7 +130,7 @@ fn lora_gradients_with_dropout_are_unchanged() {
 fn rerun_replays_its_own_dropout_masks() {
     let base = Decoder::load(&fixture("tiny-llama"), &Device::Cpu).unwrap();
     let modules = base.linear_modules().to_vec();
-    let targets = select_targets(&modules, &["all-linear".to_string()]).unwrap();
+    let targets = select_targets(&modules, &TargetModules::from_cli("all-linear")).unwrap();
     let (vars, adapters) = init_adapters(&targets, 4, 8.0, 0.5, 7, &Device::Cpu).unwrap();
     for (name, v) in &vars {
         if name.contains("lora_B") {

@@ -110,6 +110,20 @@ fn mistral_sliding_window() {
 }
 
 #[test]
+fn qwen3_qk_norm_explicit_head_dim() {
+    check(
+        r#"{"model_type":"qwen3","vocab_size":13,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":6,"attention_bias":true,"tie_word_embeddings":true}"#,
+    );
+}
+
+#[test]
+fn gpt2_untied_head() {
+    check(
+        r#"{"model_type":"gpt2","vocab_size":13,"n_embd":8,"n_layer":1,"n_head":2,"n_positions":16,"n_inner":12,"tie_word_embeddings":false}"#,
+    );
+}
+
+#[test]
 fn gpt2_conv1d_layernorm_gelu() {
     check(
         r#"{"model_type":"gpt2","vocab_size":13,"n_embd":8,"n_layer":2,"n_head":2,"n_positions":16}"#,

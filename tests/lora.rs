@@ -249,13 +249,13 @@ fn lora_backward_gives_no_base_weight_a_gradient() {
     use candle_core::{DType, Device, Tensor};
     use leash::data::collate::collate;
     use leash::data::encode::Sequence;
-    use leash::model::lora::{init_adapters, select_targets};
+    use leash::model::lora::{init_adapters, select_targets, TargetModules};
     use std::collections::HashSet;
     let device = Device::Cpu;
     for fixture_name in ["tiny-llama", "tiny-gpt2"] {
         let (base, _) = leash::scoring::load_model(&fixture(fixture_name), &device).unwrap();
         let modules = base.linear_modules().to_vec();
-        let picked = select_targets(&modules, &["all-linear".to_string()]).unwrap();
+        let picked = select_targets(&modules, &TargetModules::from_cli("all-linear")).unwrap();
         let (vars, adapters) = init_adapters(&picked, 4, 8.0, 0.0, 1, &device).unwrap();
         // PEFT starts B at 0, which would zero every dA; give B values so all paths carry signal.
         for (name, v) in &vars {

@@ -10,15 +10,17 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::config_keys::{check_keys, GPT2_NO_MATH_KEYS};
 use crate::error::{read_text, LeashError, Result};
 
 /// Architectures whose `model_type` we load, and the decoder family each one uses.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "gpt2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gpt2"];
 
 /// Which block layout the decoder builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Family {
-    /// Pre-RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention (Llama, Mistral, Qwen2).
+    /// Pre-RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention (Llama, Mistral,
+    /// Qwen2, Qwen3).
     Llama,
     /// Pre-LayerNorm, learned positions, GELU MLP, fused qkv stored as Conv1D (GPT-2).
     Gpt2,
@@ -62,8 +64,10 @@ pub struct ModelConfig {
     /// Bias on the attention output projection (Llama `attention_bias`).
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// Mistral-style local attention window, if any.
+    /// Mistral-style local attention window on every layer, if any.
     pub sliding_window: Option<usize>,
+    /// Qwen3: RMSNorm over each head's queries and keys before rotary positions.
+    pub qk_norm: bool,
     /// GPT-2 activation: tanh-approximated GELU (`gelu_new`) or exact (`gelu`).
     pub gelu_tanh: bool,
     pub bos_token_id: Option<u32>,
@@ -95,6 +99,8 @@ struct LlamaJson {
     mlp_bias: bool,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
     hidden_act: Option<String>,
 }
 
@@ -176,7 +182,9 @@ impl ModelConfig {
         let pad_token_id = token_id(&value, "pad_token_id");
         let eos_token_ids = token_ids(&value, "eos_token_id");
         match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" => {
+                let (honoured, no_math) = llama_family_keys(&model_type);
+                check_keys(&value, &model_type, &honoured, no_math, path)?;
                 let c: LlamaJson = serde_json::from_value(value.clone()).map_err(field_error)?;
                 if c.num_attention_heads == 0
                     || (!c.hidden_size.is_multiple_of(c.num_attention_heads)
@@ -215,10 +223,13 @@ impl ModelConfig {
                 }
                 let (rope_theta, rope_scaling) = rope_settings(&c, path)?;
                 let is_qwen2 = model_type == "qwen2";
-                let sliding_window = match (model_type.as_str(), c.use_sliding_window) {
-                    ("mistral", _) => c.sliding_window,
-                    (_, Some(true)) => c.sliding_window,
-                    _ => None,
+                let is_qwen3 = model_type == "qwen3";
+                let sliding_window = sliding_window(&model_type, &c, path)?;
+                // transformers' Qwen3Config defaults head_dim to 128, not hidden / heads.
+                let head_dim = match (c.head_dim, is_qwen3) {
+                    (Some(d), _) => d,
+                    (None, true) => 128,
+                    (None, false) => c.hidden_size / c.num_attention_heads,
                 };
                 Ok(ModelConfig {
                     family: Family::Llama,
@@ -228,7 +239,7 @@ impl ModelConfig {
                     num_hidden_layers: c.num_hidden_layers,
                     num_attention_heads: c.num_attention_heads,
                     num_key_value_heads,
-                    head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+                    head_dim,
                     norm_eps: c.rms_norm_eps,
                     rope_theta,
                     rope_scaling,
@@ -238,6 +249,7 @@ impl ModelConfig {
                     o_bias: !is_qwen2 && c.attention_bias,
                     mlp_bias: c.mlp_bias,
                     sliding_window,
+                    qk_norm: is_qwen3,
                     gelu_tanh: false,
                     bos_token_id,
                     eos_token_ids,
@@ -246,6 +258,7 @@ impl ModelConfig {
                 })
             }
             "gpt2" => {
+                check_keys(&value, &model_type, GPT2_HONOURED, GPT2_NO_MATH_KEYS, path)?;
                 let c: Gpt2Json = serde_json::from_value(value.clone()).map_err(field_error)?;
                 if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
                     return Err(LeashError::file(
@@ -286,6 +299,7 @@ impl ModelConfig {
                     o_bias: true,
                     mlp_bias: true,
                     sliding_window: None,
+                    qk_norm: false,
                     gelu_tanh,
                     bos_token_id,
                     eos_token_ids,
@@ -336,9 +350,153 @@ fn token_ids(value: &Value, key: &str) -> Vec<u32> {
     }
 }
 
+/// The config keys each Llama-family model type reads (honoured) and, beyond the generic
+/// list, accepts without effect. A key transformers ignores for that architecture (e.g.
+/// `attention_bias` for Mistral) is absent from both, so it is refused rather than misread.
+fn llama_family_keys(model_type: &str) -> (Vec<&'static str>, &'static [&'static str]) {
+    let mut honoured = vec![
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "hidden_act",
+    ];
+    let qwen_window = [
+        "sliding_window",
+        "use_sliding_window",
+        "max_window_layers",
+        "layer_types",
+    ];
+    let no_math: &'static [&'static str] = match model_type {
+        "llama" => {
+            honoured.extend(["attention_bias", "mlp_bias"]);
+            // Left by nanotron exports (SmolLM); transformers' Llama ignores them.
+            &[
+                "is_llama_config",
+                "rope_interleaved",
+                "transformers.js_config",
+            ]
+        }
+        "mistral" => {
+            honoured.push("sliding_window");
+            &[]
+        }
+        "qwen2" => {
+            honoured.extend(qwen_window);
+            &[]
+        }
+        _ => {
+            honoured.extend(qwen_window);
+            honoured.push("attention_bias");
+            &[]
+        }
+    };
+    (honoured, no_math)
+}
+
+const GPT2_HONOURED: &[&str] = &[
+    "vocab_size",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_positions",
+    "n_inner",
+    "layer_norm_epsilon",
+    "activation_function",
+    "tie_word_embeddings",
+];
+
+/// The one attention window all layers use, as transformers resolves it: Mistral's
+/// `sliding_window` applies to every layer; Qwen2/Qwen3 use it only with
+/// `use_sliding_window`, on the layers `layer_types` (or `max_window_layers`) mark sliding.
+/// A mix of sliding and full layers is refused: leash builds one mask for all layers.
+fn sliding_window(model_type: &str, c: &LlamaJson, path: &Path) -> Result<Option<usize>> {
+    if model_type == "mistral" {
+        return Ok(c.sliding_window);
+    }
+    let window = c
+        .sliding_window
+        .filter(|_| c.use_sliding_window == Some(true));
+    let types: Vec<String> = match &c.layer_types {
+        Some(t) => t.clone(),
+        None => (0..c.num_hidden_layers)
+            .map(|i| {
+                let sliding = window.is_some() && i >= c.max_window_layers.unwrap_or(28);
+                if sliding {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+                .to_string()
+            })
+            .collect(),
+    };
+    if let Some(bad) = types
+        .iter()
+        .find(|t| *t != "full_attention" && *t != "sliding_attention")
+    {
+        return Err(LeashError::file(
+            path,
+            format!("layer_types holds `{bad}`"),
+            "layer types are full_attention or sliding_attention",
+        ));
+    }
+    let sliding = types.iter().filter(|t| *t == "sliding_attention").count();
+    match (sliding, window) {
+        (0, _) => Ok(None),
+        (n, Some(w)) if n == types.len() => Ok(Some(w)),
+        (_, None) => Err(LeashError::file(
+            path,
+            "layer_types marks sliding_attention layers but no window is set",
+            "set use_sliding_window = true and sliding_window, or mark every layer full_attention",
+        )),
+        (n, Some(_)) => Err(LeashError::file(
+            path,
+            format!(
+                "{n} of {} layers use sliding-window attention (layer_types / max_window_layers)",
+                types.len()
+            ),
+            "leash applies one attention window to all layers; a mix of sliding and full \
+             layers is not supported",
+        )),
+    }
+}
+
 /// Rope theta and scaling from either the legacy keys (`rope_theta`, `rope_scaling`) or
 /// transformers ≥ 5's `rope_parameters`.
 fn rope_settings(c: &LlamaJson, path: &Path) -> Result<(f64, RopeScaling)> {
+    let kind_of = |p: &Value| {
+        p.get("rope_type")
+            .or_else(|| p.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string()
+    };
+    if let (Some(new), Some(old)) = (
+        c.rope_parameters.as_ref().filter(|p| !p.is_null()),
+        c.rope_scaling.as_ref().filter(|p| !p.is_null()),
+    ) {
+        if kind_of(new) != kind_of(old) {
+            return Err(LeashError::file(
+                path,
+                format!(
+                    "rope_parameters says rope type `{}` but rope_scaling says `{}`",
+                    kind_of(new),
+                    kind_of(old)
+                ),
+                "keep one of the two keys (transformers ≥ 5 writes rope_parameters)",
+            ));
+        }
+    }
     let params = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
     let theta = c
         .rope_theta
@@ -406,7 +564,7 @@ mod tests {
     fn unsupported_model_type_lists_supported() {
         let err = parse(r#"{"model_type":"bert"}"#).unwrap_err().to_string();
         assert!(err.contains("unsupported model_type `bert`"), "{err}");
-        assert!(err.contains("llama, mistral, qwen2, gpt2"), "{err}");
+        assert!(err.contains("llama") && err.contains("qwen3"), "{err}");
     }
 
     #[test]

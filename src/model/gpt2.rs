@@ -1,5 +1,6 @@
 //! GPT-2 decoder: learned positions, pre-LayerNorm blocks, fused q/k/v projection stored as
-//! `Conv1D` (weight (in, out)), GELU MLP, lm_head tied to the token embedding. Mirrors
+//! `Conv1D` (weight (in, out)), GELU MLP, lm_head tied to the token embedding unless
+//! `tie_word_embeddings` is false (then `lm_head.weight` is the checkpoint's own). Mirrors
 //! transformers' `modeling_gpt2.py`. Checkpoints name tensors with or without the
 //! `transformer.` prefix (the original OpenAI upload has none); both load.
 //!
@@ -38,6 +39,16 @@ pub struct Gpt2 {
     wpe: Tensor,
     blocks: Vec<Arc<Block>>,
     ln_f: Norm,
+    lm_head: Tensor,
+}
+
+/// The token embedding's name in this checkpoint (with or without the `transformer.` prefix).
+pub fn embedding_name(p: &ParamLoader) -> &'static str {
+    if p.contains("transformer.wte.weight") {
+        "transformer.wte.weight"
+    } else {
+        "wte.weight"
+    }
 }
 
 impl Gpt2 {
@@ -66,6 +77,12 @@ impl Gpt2 {
             &format!("{prefix}wpe.weight"),
             &[cfg.max_position_embeddings, c],
         )?;
+        // transformers names the untied head `lm_head.weight`, outside the `transformer.` prefix.
+        let lm_head = if cfg.tie_word_embeddings {
+            wte.clone()
+        } else {
+            p.get("lm_head.weight", &[cfg.vocab_size, c])?
+        };
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             blocks.push(Arc::new(Block {
@@ -83,6 +100,7 @@ impl Gpt2 {
             wpe,
             ln_f: norm("ln_f")?,
             blocks,
+            lm_head,
         })
     }
 
@@ -131,9 +149,9 @@ impl Gpt2 {
         )?)
     }
 
-    /// Tied to the token embedding: (v, c).
+    /// The output projection (v, c): the token embedding when tied.
     pub fn lm_head(&self) -> &Tensor {
-        &self.wte
+        &self.lm_head
     }
 }
 

@@ -1,6 +1,7 @@
-//! Llama-family decoder (Llama 2/3, Mistral, SmolLM, Qwen2): pre-RMSNorm blocks, rotary
-//! positions (rotate-half), grouped-query attention, SwiGLU MLP. Mirrors transformers'
-//! `modeling_llama.py`; tensor names follow the checkpoint (`model.layers.{i}.self_attn.q_proj`).
+//! Llama-family decoder (Llama 2/3, Mistral, SmolLM, Qwen2, Qwen3): pre-RMSNorm blocks, rotary
+//! positions (rotate-half), grouped-query attention, SwiGLU MLP; Qwen3 adds an RMSNorm over
+//! each head's queries and keys before the rotation. Mirrors transformers' `modeling_llama.py`
+//! and `modeling_qwen3.py`; tensor names follow the checkpoint (`model.layers.{i}.self_attn.q_proj`).
 //!
 //! Legend: b batch, t time, c hidden channels, h heads, d head dim, i MLP width.
 
@@ -23,6 +24,8 @@ struct Layer {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Qwen3's per-head q/k RMSNorm weights (d).
+    qk_norm: Option<(Tensor, Tensor)>,
     post_norm: Tensor,
     gate: Linear,
     up: Linear,
@@ -59,12 +62,22 @@ impl Llama {
             let pre = format!("model.layers.{l}");
             let attn = format!("{pre}.self_attn");
             let mlp = format!("{pre}.mlp");
+            let d = cfg.head_dim;
+            let qk_norm = if cfg.qk_norm {
+                Some((
+                    p.get(&format!("{attn}.q_norm.weight"), &[d])?,
+                    p.get(&format!("{attn}.k_norm.weight"), &[d])?,
+                ))
+            } else {
+                None
+            };
             layers.push(Arc::new(Layer {
                 input_norm: p.get(&format!("{pre}.input_layernorm.weight"), &[c])?,
                 q: linear(p, &format!("{attn}.q_proj"), q_dim, c, cfg.qkv_bias)?,
                 k: linear(p, &format!("{attn}.k_proj"), kv_dim, c, cfg.qkv_bias)?,
                 v: linear(p, &format!("{attn}.v_proj"), kv_dim, c, cfg.qkv_bias)?,
                 o: linear(p, &format!("{attn}.o_proj"), c, q_dim, cfg.o_bias)?,
+                qk_norm,
                 post_norm: p.get(&format!("{pre}.post_attention_layernorm.weight"), &[c])?,
                 gate: linear(p, &format!("{mlp}.gate_proj"), i, c, cfg.mlp_bias)?,
                 up: linear(p, &format!("{mlp}.up_proj"), i, c, cfg.mlp_bias)?,
@@ -132,6 +145,9 @@ impl Llama {
 impl Layer {
     fn tensors(&self) -> Vec<Tensor> {
         let mut out = vec![self.input_norm.clone(), self.post_norm.clone()];
+        if let Some((qn, kn)) = &self.qk_norm {
+            out.extend([qn.clone(), kn.clone()]);
+        }
         for lin in [
             &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
         ] {
@@ -159,12 +175,21 @@ fn layer_forward(
         cfg.head_dim,
     );
     let h = rms_norm(x, &layer.input_norm, cfg.norm_eps)?;
-    let heads = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
-        lin.forward(&h)?.reshape((b, t, n, d))?.transpose(1, 2) // (b, n, t, d)
+    let heads = |lin: &Linear, n: usize, norm: Option<&Tensor>| -> candle_core::Result<Tensor> {
+        let x = lin.forward(&h)?.reshape((b, t, n, d))?;
+        let x = match norm {
+            Some(w) => rms_norm(&x, w, cfg.norm_eps)?,
+            None => x,
+        };
+        x.transpose(1, 2) // (b, n, t, d)
     };
-    let q = apply_rope(&heads(&layer.q, hq)?, cos, sin)?;
-    let k = apply_rope(&heads(&layer.k, hkv)?, cos, sin)?;
-    let v = heads(&layer.v, hkv)?;
+    let (q_norm, k_norm) = match &layer.qk_norm {
+        Some((qn, kn)) => (Some(qn), Some(kn)),
+        None => (None, None),
+    };
+    let q = apply_rope(&heads(&layer.q, hq, q_norm)?, cos, sin)?;
+    let k = apply_rope(&heads(&layer.k, hkv, k_norm)?, cos, sin)?;
+    let v = heads(&layer.v, hkv, None)?;
     let (k, v) = match cache {
         Some((c, l)) => c.append(l, &k, &v)?, // (b, hkv, s, d)
         None => (k, v),

@@ -36,7 +36,8 @@ pub struct AdapterConfig {
     pub lora_alpha: f64,
     #[serde(default)]
     pub lora_dropout: f64,
-    pub target_modules: Vec<String>,
+    /// PEFT's list (names or paths) or string (a regular expression) form.
+    pub target_modules: TargetModules,
     #[serde(default)]
     pub fan_in_fan_out: bool,
     #[serde(default = "default_bias")]
@@ -67,44 +68,7 @@ pub fn peft_key(module: &str, which: &str) -> String {
     format!("base_model.model.{module}.lora_{which}.weight")
 }
 
-/// Modules whose last name component (or full path) matches one of `targets`;
-/// `all-linear` selects every linear module (the lm_head is never a module here).
-pub fn select_targets<'m>(
-    modules: &'m [LinearModule],
-    targets: &[String],
-) -> Result<Vec<&'m LinearModule>> {
-    let all = targets.iter().any(|t| t == "all-linear");
-    let picked: Vec<&LinearModule> = modules
-        .iter()
-        .filter(|m| {
-            all || targets
-                .iter()
-                .any(|t| m.path == *t || m.path.ends_with(&format!(".{t}")))
-        })
-        .collect();
-    let unmatched: Vec<&String> = targets
-        .iter()
-        .filter(|t| {
-            *t != "all-linear"
-                && !modules
-                    .iter()
-                    .any(|m| m.path == **t || m.path.ends_with(&format!(".{t}")))
-        })
-        .collect();
-    if !unmatched.is_empty() || picked.is_empty() {
-        let mut names: Vec<&str> = modules
-            .iter()
-            .filter_map(|m| m.path.rsplit('.').next())
-            .collect();
-        names.sort();
-        names.dedup();
-        return Err(LeashError::usage(
-            format!("--lora-target-modules: {unmatched:?} match no module of this model"),
-            format!("linear modules here: {} (or all-linear)", names.join(", ")),
-        ));
-    }
-    Ok(picked)
-}
+pub use super::lora_targets::{select_targets, TargetModules};
 
 /// Fresh trainable adapters as PEFT initialises them: A ~ U(−1/√in, 1/√in) (Kaiming-uniform
 /// with a = √5), B = 0. Returns the vars under PEFT's key names and the adapters.
@@ -193,6 +157,7 @@ pub fn load_adapter(
     let config: AdapterConfig = serde_json::from_str(&read_text(&cfg_path)?).map_err(|e| {
         LeashError::file(&cfg_path, format!("not a PEFT LoRA config: {e}"), "pass a folder saved by PEFT or leash (adapter_config.json + adapter_model.safetensors)")
     })?;
+    check_supported_fields(&cfg_path)?;
     if config.peft_type != "LORA" {
         return Err(LeashError::file(
             &cfg_path,
@@ -214,6 +179,7 @@ pub fn load_adapter(
         config.lora_alpha / config.r as f64
     };
     let mut adapters = HashMap::new();
+    let mut used = std::collections::HashSet::new();
     for m in modules {
         let find = |which: &str| {
             let key = peft_key(&m.path, which);
@@ -221,11 +187,15 @@ pub fn load_adapter(
                 &format!("lora_{which}.weight"),
                 &format!("lora_{which}.default.weight"),
             );
-            tensors.get(&key).or_else(|| tensors.get(&alt)).cloned()
+            [key, alt]
+                .into_iter()
+                .find_map(|k| tensors.get(&k).map(|t| (k, t.clone())))
         };
-        let (Some(a), Some(b)) = (find("A"), find("B")) else {
+        let (Some((key_a, a)), Some((key_b, b))) = (find("A"), find("B")) else {
             continue;
         };
+        used.insert(key_a);
+        used.insert(key_b);
         let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
         if a.dims() != [config.r, m.inp] || b.dims() != [m.out, config.r] {
             return Err(LeashError::file(
@@ -244,6 +214,26 @@ pub fn load_adapter(
             },
         );
     }
+    let mut unused: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+    if !unused.is_empty() {
+        unused.sort();
+        return Err(LeashError::file(
+            &weights_path,
+            format!(
+                "{} adapter tensor(s) fit no linear module of this model: {}",
+                unused.len(),
+                unused
+                    .iter()
+                    .take(8)
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "leash loads LoRA A/B matrices of linear modules only (no DoRA magnitudes, LoRA \
+             biases, embedding adapters or modules_to_save), each with both A and B; \
+             check the adapter was trained on this --model",
+        ));
+    }
     if adapters.is_empty() {
         return Err(LeashError::file(
             &weights_path,
@@ -252,6 +242,44 @@ pub fn load_adapter(
         ));
     }
     Ok((config, adapters))
+}
+
+/// adapter_config.json options that change the math and that leash does not implement: each
+/// must be absent or at its neutral value, or the load fails naming it.
+fn check_supported_fields(cfg_path: &Path) -> Result<()> {
+    let raw: serde_json::Value =
+        serde_json::from_str(&read_text(cfg_path)?).unwrap_or(serde_json::Value::Null);
+    let neutral = |v: &serde_json::Value| match v {
+        serde_json::Value::Null | serde_json::Value::Bool(false) => true,
+        serde_json::Value::Object(o) => o.is_empty(),
+        serde_json::Value::Array(a) => a.is_empty(),
+        serde_json::Value::String(s) => s == "none",
+        _ => false,
+    };
+    for key in [
+        "use_dora",
+        "lora_bias",
+        "bias",
+        "rank_pattern",
+        "alpha_pattern",
+        "modules_to_save",
+        "target_parameters",
+        "trainable_token_indices",
+        "layer_replication",
+        "use_qalora",
+        "use_bdlora",
+        "alora_invocation_tokens",
+    ] {
+        if let Some(v) = raw.get(key).filter(|v| !neutral(v)) {
+            return Err(LeashError::file(
+                cfg_path,
+                format!("adapter option `{key}` = {v} is not supported"),
+                "leash loads plain LoRA adapters (A/B on linear modules, one r and lora_alpha); \
+                 retrain without this option or merge the adapter with PEFT first",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Writes `dir/adapter_model.safetensors` and `dir/adapter_config.json`.

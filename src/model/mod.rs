@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod config_keys;
 pub mod fused;
 pub mod fused_attention;
 mod gemm;
@@ -11,6 +12,7 @@ pub mod linear;
 pub mod llama;
 pub mod lora;
 pub mod lora_fused;
+pub mod lora_targets;
 pub mod ops;
 pub mod params;
 pub mod weights;
@@ -66,10 +68,17 @@ impl Decoder {
     }
 
     fn build(config: ModelConfig, loader: ParamLoader) -> Result<Self> {
-        let arch = match config.family {
-            Family::Llama => Arch::Llama(llama::Llama::load(&config, &loader)?),
-            Family::Gpt2 => Arch::Gpt2(gpt2::Gpt2::load(&config, &loader)?),
+        let (arch, embedding) = match config.family {
+            Family::Llama => (
+                Arch::Llama(llama::Llama::load(&config, &loader)?),
+                "model.embed_tokens.weight",
+            ),
+            Family::Gpt2 => (
+                Arch::Gpt2(gpt2::Gpt2::load(&config, &loader)?),
+                gpt2::embedding_name(&loader),
+            ),
         };
+        loader.check_all_used(config.tie_word_embeddings.then_some(embedding))?;
         let (params, modules) = loader.into_parts();
         Ok(Decoder {
             config,

@@ -100,6 +100,16 @@ impl Weights {
         self.random.is_some() || self.tensors.contains_key(name)
     }
 
+    /// Names of the tensors in the checkpoint (none for random weights).
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    /// The tensor `name` as stored, without a shape check.
+    pub fn raw(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
     pub fn source(&self) -> &Path {
         &self.source
     }

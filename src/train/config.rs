@@ -170,7 +170,8 @@ pub struct TrainArgs {
     /// Dropout on the adapter input while training. Default 0.05 (TRL).
     #[arg(long)]
     pub lora_dropout: Option<f64>,
-    /// Comma-separated module names (e.g. q_proj,v_proj) or all-linear. Default: PEFT's per
+    /// Comma-separated module names (e.g. q_proj,v_proj), all-linear, or a regular expression
+    /// matching whole module paths (PEFT's string form, e.g. `.*\.(q|v)_proj`). Default: PEFT's per
     /// architecture (q_proj,v_proj for Llama/Qwen2; c_attn for GPT-2).
     #[arg(long)]
     pub lora_target_modules: Option<String>,

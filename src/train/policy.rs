@@ -13,8 +13,9 @@ use super::config::TrainConfig;
 use crate::error::Result;
 use crate::model::lora::{
     frozen, init_adapters, load_adapter, save_adapter, select_targets, vars_from_adapters,
-    AdapterConfig,
+    AdapterConfig, TargetModules,
 };
+use crate::model::lora_targets::{module_paths, saved_target_modules};
 use crate::model::{Decoder, Family};
 
 pub struct Policy {
@@ -30,11 +31,12 @@ pub struct Policy {
     pub adapter_config: Option<AdapterConfig>,
 }
 
-fn default_targets(base: &Decoder) -> Vec<String> {
-    match base.config.family {
+/// PEFT's default targets per architecture (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+fn default_targets(base: &Decoder) -> TargetModules {
+    TargetModules::List(match base.config.family {
         Family::Llama => vec!["q_proj".into(), "v_proj".into()],
         Family::Gpt2 => vec!["c_attn".into()],
-    }
+    })
 }
 
 /// The policy and reference for `cfg`; the policy checkpoints its layers when
@@ -67,15 +69,13 @@ fn build(cfg: &TrainConfig, base: Decoder, device: &Device) -> Result<Policy> {
             (vars, adapters, base.with_adapters(&loaded)?, config)
         }
         None => {
-            let targets: Vec<String> = match &cfg.lora_target_modules {
-                Some(list) => list
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect(),
+            let targets = match &cfg.lora_target_modules {
+                Some(text) => TargetModules::from_cli(text),
                 None => default_targets(&base),
             };
             let picked = select_targets(&modules, &targets)?;
+            let all_modules = module_paths(base.params().iter().map(|(n, _)| n));
+            let saved_targets = saved_target_modules(&targets, &picked, &all_modules);
             let (vars, adapters) = init_adapters(
                 &picked,
                 cfg.lora_r,
@@ -89,7 +89,7 @@ fn build(cfg: &TrainConfig, base: Decoder, device: &Device) -> Result<Policy> {
                 r: cfg.lora_r,
                 lora_alpha: cfg.lora_alpha,
                 lora_dropout: cfg.lora_dropout,
-                target_modules: targets,
+                target_modules: saved_targets,
                 fan_in_fan_out: base.config.family == Family::Gpt2,
                 bias: "none".into(),
                 task_type: Some("CAUSAL_LM".into()),
