@@ -5,6 +5,7 @@ pub mod config;
 pub mod fused;
 pub mod fused_attention;
 mod gemm;
+pub mod gemma3;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
@@ -12,6 +13,7 @@ pub mod lora;
 pub mod lora_fused;
 pub mod ops;
 pub mod params;
+pub mod phi3;
 pub mod weights;
 
 use std::collections::HashMap;
@@ -38,6 +40,8 @@ pub struct ForwardInput {
 enum Arch {
     Llama(llama::Llama),
     Gpt2(gpt2::Gpt2),
+    Gemma3(gemma3::Gemma3),
+    Phi3(phi3::Phi3),
 }
 
 /// A causal LM producing final hidden states, plus its lm_head and parameter list.
@@ -66,6 +70,8 @@ impl Decoder {
         let arch = match config.family {
             Family::Llama => Arch::Llama(llama::Llama::load(&config, &loader)?),
             Family::Gpt2 => Arch::Gpt2(gpt2::Gpt2::load(&config, &loader)?),
+            Family::Gemma3 => Arch::Gemma3(gemma3::Gemma3::load(&config, &loader)?),
+            Family::Phi3 => Arch::Phi3(phi3::Phi3::load(&config, &loader)?),
         };
         let (params, modules) = loader.into_parts();
         Ok(Decoder {
@@ -104,6 +110,8 @@ impl Decoder {
         match &self.arch {
             Arch::Llama(m) => m.forward_hidden(input, cache),
             Arch::Gpt2(m) => m.forward_hidden(input, cache),
+            Arch::Gemma3(m) => m.forward_hidden(input, cache),
+            Arch::Phi3(m) => m.forward_hidden(input, cache),
         }
     }
 
@@ -112,6 +120,8 @@ impl Decoder {
         match &self.arch {
             Arch::Llama(m) => m.lm_head(),
             Arch::Gpt2(m) => m.lm_head(),
+            Arch::Gemma3(m) => m.lm_head(),
+            Arch::Phi3(m) => m.lm_head(),
         }
     }
 

@@ -2,13 +2,14 @@
 //! trainable variables, optimizer state and saving under Hugging Face names.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 
 use candle_core::Tensor;
 
 use super::linear::Linear;
 use super::lora::{Adapters, LinearModule};
 use super::weights::Weights;
-use crate::error::Result;
+use crate::error::{LeashError, Result};
 
 /// Fetches tensors from [`Weights`] and remembers each name it handed out.
 pub struct ParamLoader<'a> {
@@ -55,6 +56,31 @@ impl<'a> ParamLoader<'a> {
 
     pub fn contains(&self, name: &str) -> bool {
         self.weights.contains(name)
+    }
+
+    /// Strict loading: an error naming every checkpoint tensor the decoder did not take.
+    pub fn check_all_used(&self, family: &str) -> Result<()> {
+        let taken = self.taken.borrow();
+        let taken: HashSet<&str> = taken.iter().map(|(n, _)| n.as_str()).collect();
+        let mut unused: Vec<&str> = self
+            .weights
+            .names()
+            .filter(|n| !taken.contains(n))
+            .collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        unused.sort_unstable();
+        Err(LeashError::file(
+            self.weights.source(),
+            format!(
+                "{} tensor(s) unused by the {family} decoder: {}",
+                unused.len(),
+                unused.join(", ")
+            ),
+            "the checkpoint holds weights this config does not describe (e.g. lm_head.weight \
+             with tie_word_embeddings true, or a bias the config turns off); fix config.json",
+        ))
     }
 
     pub fn into_parts(self) -> (Vec<(String, Tensor)>, Vec<LinearModule>) {

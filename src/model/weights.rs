@@ -103,6 +103,11 @@ impl Weights {
     pub fn source(&self) -> &Path {
         &self.source
     }
+
+    /// Names of the checkpoint's tensors (none for random weights).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
 }
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
