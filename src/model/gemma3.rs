@@ -272,23 +272,24 @@ fn layer_rope(c: &Gemma3Json, layer_type: &str, path: &Path) -> Result<(f64, Rop
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
         .and_then(Value::as_str)
         .unwrap_or("default");
-    let scaling =
-        match kind {
-            "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear {
-                factor: params
-                    .and_then(|p| p.get("factor"))
-                    .and_then(Value::as_f64)
-                    .unwrap_or(1.0),
-            },
-            other => return Err(LeashError::file(
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: params
+                .and_then(|p| p.get("factor"))
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0),
+        },
+        other => {
+            return Err(LeashError::file(
                 path,
                 format!(
                     "rope type `{other}` ({layer_type} layers) is not supported for gemma3_text"
                 ),
                 "supported rope types here: default, linear",
-            )),
-        };
+            ))
+        }
+    };
     Ok((theta, scaling))
 }
 
@@ -345,19 +346,32 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> R
     Ok(attention_composed(&(q * (scale * d.sqrt()))?, k, v, mask)?)
 }
 
-/// Extra additive mask (1, 1, t, s) hiding keys `window` or more positions behind the query:
-/// the t queries are the last t of the s keys (a cache holds the first s − t).
-fn window_mask(t: usize, s: usize, window: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let offset = s - t;
-    let mut data = vec![0f32; t * s];
-    for i in 0..t {
-        for j in 0..s {
-            if (offset + i).saturating_sub(j) >= window {
-                data[i * s + j] = MASKED;
+/// Extra additive mask (b, 1, t, s) hiding keys `window` or more positions behind the query.
+/// Distances are in positions, not indices: a packed row holds several sequences, and a
+/// rejected completion sharing its prompt with the chosen one sits after it in the row but
+/// continues the prompt's positions. Without a cache the keys are the queries (`positions`,
+/// b·t row-major); with one, the cached keys are at positions 0.. (s − t) as decoding runs.
+fn window_mask(
+    positions: &[u32],
+    b: usize,
+    t: usize,
+    s: usize,
+    window: usize,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut data = vec![0f32; b * t * s];
+    for r in 0..b {
+        let row = &positions[r * t..(r + 1) * t];
+        for (i, &q) in row.iter().enumerate() {
+            for j in 0..s {
+                let k = if s == t { row[j] as usize } else { j };
+                if (q as usize).saturating_sub(k) >= window {
+                    data[(r * t + i) * s + j] = MASKED;
+                }
             }
         }
     }
-    Ok(Tensor::from_vec(data, (1, 1, t, s), dev)?)
+    Ok(Tensor::from_vec(data, (b, 1, t, s), dev)?)
 }
 
 impl Gemma3 {
@@ -447,10 +461,14 @@ impl Gemma3 {
         let global_rope = tables(&self.global_inv_freq)?;
         let local_rope = tables(&self.local_inv_freq)?;
         let s = input.mask.dim(3)?;
-        let local_mask =
-            input
-                .mask
-                .broadcast_add(&window_mask(t, s, self.params.sliding_window, dev)?)?;
+        let local_mask = input.mask.broadcast_add(&window_mask(
+            &input.positions,
+            b,
+            t,
+            s,
+            self.params.sliding_window,
+            dev,
+        )?)?;
         let scale = self.params.query_pre_attn_scalar.powf(-0.5);
         // transformers multiplies by √hidden cast to the embedding dtype (f32 here).
         let embed_scale = (c as f64).sqrt() as f32 as f64;
@@ -535,11 +553,17 @@ mod tests {
     #[test]
     fn window_mask_hides_keys_a_window_behind() {
         // 2 new queries at positions 3 and 4 over 5 keys, window 2: each sees itself and one back.
-        let m = window_mask(2, 5, 2, &candle_core::Device::Cpu).unwrap();
+        let m = window_mask(&[3, 4], 1, 2, 5, 2, &candle_core::Device::Cpu).unwrap();
         let rows: Vec<Vec<f32>> = m.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         let open = |r: &Vec<f32>| -> Vec<usize> { (0..5).filter(|&j| r[j] == 0.0).collect() };
         // Keys after the query are left to the causal mask.
         assert_eq!(open(&rows[0]), [2, 3, 4]);
         assert_eq!(open(&rows[1]), [3, 4]);
+        // A packed row: prompt at positions 0-1, chosen 2-3, rejected again at 2-3 (indices
+        // 4-5). The rejected token at position 3 is one position from the prompt's last token.
+        let m = window_mask(&[0, 1, 2, 3, 2, 3], 1, 6, 6, 3, &candle_core::Device::Cpu).unwrap();
+        let rows: Vec<Vec<f32>> = m.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let open = |r: &Vec<f32>| -> Vec<usize> { (0..6).filter(|&j| r[j] == 0.0).collect() };
+        assert_eq!(open(&rows[5]), [1, 2, 3, 4, 5]);
     }
 }
