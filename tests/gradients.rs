@@ -130,6 +130,20 @@ fn gpt2_conv1d_layernorm_gelu() {
     );
 }
 
+#[test]
+fn gemma3_local_global_qk_norm() {
+    check(
+        r#"{"model_type":"gemma3_text","vocab_size":13,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":6,"query_pre_attn_scalar":5,"sliding_window":2,"layer_types":["sliding_attention","full_attention"],"rope_parameters":{"sliding_attention":{"rope_type":"default","rope_theta":100.0},"full_attention":{"rope_type":"linear","factor":2.0,"rope_theta":1000.0}}}"#,
+    );
+}
+
+#[test]
+fn phi3_fused_partial_rotary_longrope() {
+    check(
+        r#"{"model_type":"phi3","vocab_size":13,"hidden_size":16,"intermediate_size":12,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"max_position_embeddings":32,"original_max_position_embeddings":4,"sliding_window":3,"rope_parameters":{"rope_type":"longrope","rope_theta":1000.0,"partial_rotary_factor":0.5,"short_factor":[1.0,2.0],"long_factor":[3.0,5.0]}}"#,
+    );
+}
+
 // ---- LoRA: the fused base+adapter op, and whole decoders with adapters ----
 
 use leash::model::lora::{Adapter, Adapters};

@@ -14,7 +14,15 @@ use super::config_keys::{check_keys, GPT2_NO_MATH_KEYS};
 use crate::error::{read_text, LeashError, Result};
 
 /// Architectures whose `model_type` we load, and the decoder family each one uses.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gpt2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "gemma3_text",
+    "phi3",
+];
 
 /// Which block layout the decoder builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -24,6 +32,18 @@ pub enum Family {
     Llama,
     /// Pre-LayerNorm, learned positions, GELU MLP, fused qkv stored as Conv1D (GPT-2).
     Gpt2,
+    /// Gemma 3 text: (1+w) RMSNorm around attention and MLP, q/k norm, local/global layers.
+    Gemma3,
+    /// Llama block with fused qkv and gate/up projections, partial rotary, LongRoPE.
+    Phi3,
+}
+
+/// Settings only one family reads, kept out of the common fields.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum FamilyExtra {
+    None,
+    Gemma3(super::gemma3::Gemma3Params),
+    Phi3(super::phi3::Phi3Params),
 }
 
 /// How rotary frequencies are scaled (`rope_scaling` / `rope_parameters.rope_type`).
@@ -73,6 +93,7 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    pub extra: FamilyExtra,
 }
 
 #[derive(Deserialize)]
@@ -255,6 +276,7 @@ impl ModelConfig {
                     eos_token_ids,
                     pad_token_id,
                     model_type,
+                    extra: FamilyExtra::None,
                 })
             }
             "gpt2" => {
@@ -305,8 +327,11 @@ impl ModelConfig {
                     eos_token_ids,
                     pad_token_id,
                     model_type,
+                    extra: FamilyExtra::None,
                 })
             }
+            "gemma3_text" => super::gemma3::parse_config(&value, path, model_type),
+            "phi3" => super::phi3::parse_config(&value, path, model_type),
             other => Err(LeashError::file(
                 path,
                 format!("unsupported model_type `{other}`"),
@@ -324,13 +349,13 @@ impl ModelConfig {
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let attn = d * q + 2 * d * kv + q * d;
-        let mlp_mats = if self.family == Family::Llama { 3 } else { 2 };
+        let mlp_mats = if self.family == Family::Gpt2 { 2 } else { 3 };
         let mlp = mlp_mats * d * self.intermediate_size;
         self.num_hidden_layers * (attn + mlp) + d * self.vocab_size
     }
 }
 
-fn token_id(value: &Value, key: &str) -> Option<u32> {
+pub(super) fn token_id(value: &Value, key: &str) -> Option<u32> {
     match value.get(key)? {
         Value::Number(n) => n.as_u64().map(|v| v as u32),
         Value::Array(a) => a.first().and_then(Value::as_u64).map(|v| v as u32),
@@ -338,7 +363,7 @@ fn token_id(value: &Value, key: &str) -> Option<u32> {
     }
 }
 
-fn token_ids(value: &Value, key: &str) -> Vec<u32> {
+pub(super) fn token_ids(value: &Value, key: &str) -> Vec<u32> {
     match value.get(key) {
         Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
         Some(Value::Array(a)) => a

@@ -7,6 +7,7 @@ pub mod config_keys;
 pub mod fused;
 pub mod fused_attention;
 mod gemm;
+pub mod gemma3;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
@@ -15,6 +16,7 @@ pub mod lora_fused;
 pub mod lora_targets;
 pub mod ops;
 pub mod params;
+pub mod phi3;
 pub mod weights;
 
 use std::collections::HashMap;
@@ -41,6 +43,8 @@ pub struct ForwardInput {
 enum Arch {
     Llama(llama::Llama),
     Gpt2(gpt2::Gpt2),
+    Gemma3(gemma3::Gemma3),
+    Phi3(phi3::Phi3),
 }
 
 /// A causal LM producing final hidden states, plus its lm_head and parameter list.
@@ -76,6 +80,14 @@ impl Decoder {
             Family::Gpt2 => (
                 Arch::Gpt2(gpt2::Gpt2::load(&config, &loader)?),
                 gpt2::embedding_name(&loader),
+            ),
+            Family::Gemma3 => (
+                Arch::Gemma3(gemma3::Gemma3::load(&config, &loader)?),
+                "model.embed_tokens.weight",
+            ),
+            Family::Phi3 => (
+                Arch::Phi3(phi3::Phi3::load(&config, &loader)?),
+                "model.embed_tokens.weight",
             ),
         };
         loader.check_all_used(config.tie_word_embeddings.then_some(embedding))?;
@@ -123,6 +135,8 @@ impl Decoder {
         match &self.arch {
             Arch::Llama(m) => m.forward_hidden(input, cache, self.gradient_checkpointing),
             Arch::Gpt2(m) => m.forward_hidden(input, cache, self.gradient_checkpointing),
+            Arch::Gemma3(m) => m.forward_hidden(input, cache),
+            Arch::Phi3(m) => m.forward_hidden(input, cache),
         }
     }
 
@@ -131,6 +145,8 @@ impl Decoder {
         match &self.arch {
             Arch::Llama(m) => m.lm_head(),
             Arch::Gpt2(m) => m.lm_head(),
+            Arch::Gemma3(m) => m.lm_head(),
+            Arch::Phi3(m) => m.lm_head(),
         }
     }
 

@@ -34,7 +34,9 @@ pub struct Policy {
 /// PEFT's default targets per architecture (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
 fn default_targets(base: &Decoder) -> TargetModules {
     TargetModules::List(match base.config.family {
-        Family::Llama => vec!["q_proj".into(), "v_proj".into()],
+        Family::Llama | Family::Gemma3 => vec!["q_proj".into(), "v_proj".into()],
+        // PEFT has no default for Phi-3; its fused qkv_proj covers what q_proj/v_proj do elsewhere.
+        Family::Phi3 => vec!["qkv_proj".into()],
         Family::Gpt2 => vec!["c_attn".into()],
     })
 }
