@@ -7,6 +7,7 @@
 //!   (`--learning-rate 1e6`: weights at 3.9e6, grad_norm 0 from step 2) → stop;
 //! - an exactly zero gradient → warn once (legitimate for the hinge loss once every margin is
 //!   met and for GRPO groups whose completions all score the same, so never a stop).
+//!
 //! A stop saves nothing: the error names the last good checkpoint, or says none was saved.
 //! Healthy fine-tuning moves weights by a small fraction of their size, so the factor leaves
 //! a margin of several orders of magnitude.
