@@ -18,6 +18,7 @@ use crate::loss::logps::score;
 use crate::model::lora::{init_adapters, select_targets};
 use crate::model::weights::{RandomInit, Weights};
 use crate::model::{Decoder, ModelConfig};
+use crate::train::config::Method;
 use crate::train::grads::GradAccumulator;
 use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 
@@ -95,13 +96,15 @@ fn token_sequences(
 }
 
 /// Runs the measurements of `what` (matmul, forward, train, dpo, generate, grpo, all,
-/// dpo-lora) on `shape_name`; the DPO steps (dpo, dpo-lora) use `pairs` preference pairs.
-/// Training figures carry the matmul ceiling measured first.
+/// dpo-lora) on `shape_name`; the DPO steps (dpo, dpo-lora) use `pairs` preference pairs, and
+/// the trained policies checkpoint their layers if `checkpointing`. Training figures carry
+/// the matmul ceiling measured first.
 pub fn run(
     shape_name: &str,
     what: &str,
     steps: usize,
     pairs: usize,
+    checkpointing: bool,
     mut emit: impl FnMut(serde_json::Value),
 ) -> Result<()> {
     const WHATS: &[&str] = &[
@@ -153,7 +156,8 @@ pub fn run(
         emit(report("forward+logps", secs, 8 * 256, flops));
     }
     if is("train") {
-        let (policy, vars) = base.to_trainable()?;
+        let (mut policy, vars) = base.to_trainable()?;
+        policy.set_gradient_checkpointing(checkpointing);
         // forward + backward of the same 8 × 256 fully scored tokens, no optimizer.
         let seqs = token_sequences(cfg.vocab_size, 8, 1, 255, 0);
         let batch = steps::layout(&seqs, false)?;
@@ -162,22 +166,28 @@ pub fn run(
         emit(with_rss(report("forward+backward", secs, 8 * 256, flops)));
         // SFT: 8 × (128-token prompt + 128-token completion), prompt masked, clip + AdamW.
         let seqs = token_sequences(cfg.vocab_size, 8, 128, 128, 0);
-        let batch = steps::layout(&seqs, false)?;
-        let secs = steps::time_sft_step(&policy, &vars, &batch, steps)?;
+        let sft = steps::config(Method::Sft, true)?;
+        let batch = steps::layout(&seqs, true)?;
+        let examples = steps::examples(&seqs, true);
+        let secs = steps::time_train_step(&sft, &policy, &vars, None, &examples, steps)?;
         let flops = 3.0 * steps::forward_flops(&cfg, &batch);
         emit(with_rss(report("sft_step", secs, 8 * 256, flops)));
     }
     if is("dpo") {
         // TRL's timed workload: 8 pairs (default), 128-token prompts, 128-token completions;
         // tokens counted as TRL counts them (chosen + rejected sequences).
-        let (policy, vars) = base.to_trainable()?;
+        let (mut policy, vars) = base.to_trainable()?;
+        policy.set_gradient_checkpointing(checkpointing);
         let seqs = steps::pair_sequences(cfg.vocab_size, pairs, 128, 128);
+        let examples = steps::examples(&seqs, false);
         for padding_free in [false, true] {
+            let dpo = steps::config(Method::Dpo, padding_free)?;
             let batch = steps::layout(&seqs, padding_free)?;
             let fwd = steps::forward_flops(&cfg, &batch);
             for live in [false, true] {
                 let reference = if live { Some(&base) } else { None };
-                let secs = steps::time_dpo_step(&policy, &vars, reference, &batch, steps)?;
+                let secs =
+                    steps::time_train_step(&dpo, &policy, &vars, reference, &examples, steps)?;
                 let name = format!(
                     "dpo_step({}, ref {})",
                     if padding_free {
@@ -236,10 +246,13 @@ pub fn run(
         let modules = base.linear_modules().to_vec();
         let targets = select_targets(&modules, &["all-linear".to_string()])?;
         let (vars, adapters) = init_adapters(&targets, 16, 32.0, 0.0, 1, &device)?;
-        let policy = base.with_adapters(&adapters)?;
+        let mut policy = base.with_adapters(&adapters)?;
+        policy.set_gradient_checkpointing(checkpointing);
         let seqs = steps::pair_sequences(cfg.vocab_size, pairs, 128, 128);
         let batch = steps::layout(&seqs, true)?;
-        let secs = steps::time_dpo_step(&policy, &vars, Some(&base), &batch, steps)?;
+        let dpo = steps::config(Method::Dpo, true)?;
+        let examples = steps::examples(&seqs, false);
+        let secs = steps::time_train_step(&dpo, &policy, &vars, Some(&base), &examples, steps)?;
         let fwd = steps::forward_flops(&cfg, &batch);
         let mut v = report(
             "dpo_step(lora r16, shared prompt, ref = adapter off)",
@@ -343,13 +356,7 @@ fn time_grpo_step(base: &Decoder, cfg: &ModelConfig, steps: usize) -> Result<(f6
     Ok((median(ts), median(tl), tokens))
 }
 
-/// Peak resident memory of this process so far (Linux), in MiB.
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
+pub use crate::runtime::peak_rss_mib;
 
 fn with_rss(mut v: serde_json::Value) -> serde_json::Value {
     v["peak_rss_mib"] = json!(peak_rss_mib());

@@ -155,6 +155,9 @@ enum Command {
         /// Preference pairs per DPO step (dpo, dpo-lora); each pair is 2 × 256 tokens.
         #[arg(long, default_value_t = 8)]
         pairs: usize,
+        /// Train with gradient checkpointing (train, dpo, dpo-lora), as `--gradient-checkpointing`.
+        #[arg(long)]
+        gradient_checkpointing: bool,
     },
     /// Supervised fine-tuning with the loss on completion tokens only (TRL SFTTrainer).
     Sft(TrainArgs),
@@ -376,6 +379,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             what,
             steps,
             pairs,
+            gradient_checkpointing,
         } => {
             if pairs == 0 {
                 return Err(leash::LeashError::usage(
@@ -384,7 +388,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .into());
             }
-            leash::bench::run(&shape, &what, steps, pairs, |obj| {
+            leash::bench::run(&shape, &what, steps, pairs, gradient_checkpointing, |obj| {
                 eprintln!(
                     "{:<22} {:>8.0} tokens/s  {:>6.1} GFLOP/s  ({} threads)",
                     obj["bench"].as_str().unwrap_or(""),

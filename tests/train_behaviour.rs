@@ -1,6 +1,7 @@
 //! Training mechanics: parameters move (and the reference does not), accumulation equals a
 //! bigger batch, resume continues the same trajectory, checkpoints reload with the same
-//! log-probs, the reference cache matches the live reference, and bad setups fail early.
+//! log-probs, the reference cache matches the live reference, bad setups fail early, and the
+//! last log line reports the peak RSS.
 
 mod common;
 use common::{fixture, leash};
@@ -248,4 +249,33 @@ fn eval_set_in_the_wrong_format_is_refused_before_training() {
         "{err}"
     );
     assert!(!dir.path().join("metrics.jsonl").exists());
+}
+
+fn vm_hwm_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    kib / 1024.0
+}
+
+/// The last log line carries the run's peak RSS (and only the last): between the kernel's
+/// high-water mark (VmHWM, read here) before and after the run.
+#[test]
+fn last_log_line_reports_peak_rss() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = vm_hwm_mib();
+    leash::train::trainer::train(&resolve(Method::Dpo, &args(dir.path(), 2)).unwrap()).unwrap();
+    let after = vm_hwm_mib();
+    let lines = metrics(dir.path());
+    assert!(lines[0].get("peak_rss_mib").is_none());
+    let peak = lines[1]["peak_rss_mib"].as_f64().unwrap();
+    assert!(
+        before - 1.0 <= peak && peak <= after + 1.0,
+        "{before} <= {peak} <= {after}"
+    );
 }

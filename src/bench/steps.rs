@@ -1,19 +1,24 @@
 //! Timed training steps on TRL's DPO workload (prompts and completions of fixed length, each
 //! pair's chosen and rejected sharing the prompt), in the padded layout or padding-free
-//! (shared prompt, packed rows).
+//! (shared prompt, packed rows). Every timed step is the trainer's own
+//! [`crate::train::update::optimizer_step`] with `leash <method>`'s default options.
 
-use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+
+use candle_core::{Device, Var};
 
 use super::time;
 use crate::data::collate::{collate, Collated};
-use crate::data::encode::Sequence;
+use crate::data::encode::{PromptCompletion, Sequence};
 use crate::data::pack::collate_packed;
 use crate::error::Result;
-use crate::loss::dpo::{dpo_loss, DpoLossType, DpoOptions, PairLogps};
 use crate::loss::logps::score;
 use crate::model::{Decoder, ModelConfig};
-use crate::train::grads::GradAccumulator;
-use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
+use crate::train::config::{resolve, Method, TrainArgs, TrainConfig};
+use crate::train::examples::TrainExample;
+use crate::train::metrics::Accumulator;
+use crate::train::step::{RefLogps, Reference, StepContext};
+use crate::train::update::{adamw, optimizer_step};
 
 /// `pairs` chosen sequences then their rejected ones: a shared `prompt`-token prompt per pair
 /// and two different `completion`-token completions.
@@ -68,91 +73,93 @@ pub fn forward_flops(cfg: &ModelConfig, batch: &Collated) -> f64 {
     2.0 * (body + lm_head) + attention
 }
 
-fn adamw(vars: &[(String, Var)]) -> AdamW {
-    AdamW::new(
-        vars,
-        AdamWSettings {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )
-}
-
-/// Backward of `loss`, clip to norm 1, one AdamW update.
-fn update(loss: &Tensor, vars: &[(String, Var)], opt: &mut AdamW) -> Result<()> {
-    let store = loss.backward()?;
-    let mut grads = GradAccumulator::of(&store, vars)?;
-    clip_grad_norm(&mut grads, 1.0)?;
-    opt.step(vars, &grads, 1e-6)
-}
-
 /// Median seconds of a forward + backward of the summed log-probs (no optimizer).
 pub fn time_forward_backward(policy: &Decoder, batch: &Collated, steps: usize) -> Result<f64> {
     time(steps, || {
         let lp = score(policy, batch)?.seq_logps.sum_all()?;
-        lp.backward()?;
+        crate::model::checkpoint::backward(&lp)?;
         Ok(())
     })
 }
 
-/// Median seconds of one SFT step: completion NLL, backward, clip, AdamW.
-pub fn time_sft_step(
-    policy: &Decoder,
-    vars: &[(String, Var)],
-    batch: &Collated,
-    steps: usize,
-) -> Result<f64> {
-    let mut opt = adamw(vars);
-    let n = batch.targets.len().max(1) as f64;
-    time(steps, || {
-        let nll = (score(policy, batch)?.token_logps.sum_all()?.neg()? / n)?;
-        update(&nll, vars, &mut opt)
-    })
+/// The pairs of [`pair_sequences`] as training examples (`Sft` rows of the chosen sequences
+/// when `sft`), so the timed step goes through the trainer's data handling too.
+pub fn examples(seqs: &[Sequence], sft: bool) -> Vec<TrainExample> {
+    let pc = |s: &Sequence| PromptCompletion {
+        prompt: s.ids[..s.loss_start].to_vec(),
+        completion: s.ids[s.loss_start..].to_vec(),
+    };
+    let p = seqs.len() / 2;
+    if sft {
+        return seqs.iter().map(|s| TrainExample::Sft(pc(s))).collect();
+    }
+    (0..p)
+        .map(|i| TrainExample::Pair {
+            chosen: pc(&seqs[i]),
+            rejected: pc(&seqs[p + i]),
+        })
+        .collect()
 }
 
-/// Median seconds of one DPO step (policy forward+backward, clip, AdamW) over `batch` (its
-/// first half of sequences chosen, second half rejected), with the reference scored by
-/// `reference` each step or taken from a cache when `None`.
-pub fn time_dpo_step(
+/// The options `leash <method>` resolves to by default, with `padding_free` as given and the
+/// paths unused (the bench reads and writes no files).
+pub fn config(method: Method, padding_free: bool) -> Result<TrainConfig> {
+    let none = std::path::PathBuf::from("<bench>");
+    resolve(
+        method,
+        &TrainArgs {
+            model: Some(none.clone()),
+            dataset: Some(none.clone()),
+            output_dir: Some(none),
+            padding_free: Some(padding_free),
+            ..TrainArgs::default()
+        },
+    )
+}
+
+/// Median seconds of one optimizer step of the trainer ([`optimizer_step`]: collate, forward,
+/// loss, TRL's metrics, backward, clip, AdamW) over `examples` as one micro-batch. `reference`
+/// scores the reference live; `None` takes it from a cache, as `--precompute-ref-log-probs`.
+pub fn time_train_step(
+    cfg: &TrainConfig,
     policy: &Decoder,
     vars: &[(String, Var)],
     reference: Option<&Decoder>,
-    batch: &Collated,
+    examples: &[TrainExample],
     steps: usize,
 ) -> Result<f64> {
     let device = Device::Cpu;
-    let p = batch.n_seqs / 2;
-    let mut opt = adamw(vars);
-    let cached = Tensor::zeros(p, DType::F32, &device)?.affine(1.0, -300.0)?;
+    let frozen = Decoder::frozen_view(&policy.config, vars)?;
+    let cache: HashMap<usize, RefLogps> =
+        (0..examples.len()).map(|i| (i, (-300.0, -300.0))).collect();
+    let micro = vec![examples.iter().enumerate().collect::<Vec<_>>()];
+    let mut opt = adamw(cfg, vars);
+    let mut metrics = Accumulator::default();
+    let mut step = 0;
     time(steps, || {
-        let (ref_c, ref_r) = match reference {
-            Some(r) => {
-                let r = score(r, batch)?.seq_logps;
-                (r.narrow(0, 0, p)?, r.narrow(0, p, p)?)
-            }
-            None => (cached.clone(), cached.clone()),
+        let ctx = StepContext {
+            cfg,
+            policy,
+            policy_frozen: &frozen,
+            reference: match (cfg.method, reference) {
+                (Method::Sft | Method::Orpo, _) => Reference::None,
+                (_, Some(r)) => Reference::Model(r),
+                (_, None) => Reference::Cached(&cache),
+            },
+            pad_id: 0,
+            device: &device,
         };
-        let s = score(policy, batch)?;
-        let counts: Vec<f32> = s.seq_tokens.iter().map(|&n| n as f32).collect();
-        let n_c = Tensor::new(&counts[..p], &device)?;
-        let n_r = Tensor::new(&counts[p..], &device)?;
-        let out = dpo_loss(
-            &PairLogps {
-                chosen: &s.seq_logps.narrow(0, 0, p)?,
-                rejected: &s.seq_logps.narrow(0, p, p)?,
-                ref_chosen: &ref_c,
-                ref_rejected: &ref_r,
-                chosen_tokens: &n_c,
-                rejected_tokens: &n_r,
-            },
-            &DpoOptions {
-                beta: 0.1,
-                loss_type: DpoLossType::Sigmoid,
-                label_smoothing: 0.0,
-            },
+        optimizer_step(
+            &ctx,
+            vars,
+            &mut opt,
+            &micro,
+            cfg.learning_rate,
+            step,
+            &mut metrics,
         )?;
-        update(&out.loss, vars, &mut opt)
+        metrics.take();
+        step += 1;
+        Ok(())
     })
 }

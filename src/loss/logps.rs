@@ -1,25 +1,26 @@
 //! Sequence log-probabilities: the sum over completion tokens of log π(token | prefix).
 //!
 //! Only the hidden states that predict scored tokens go through the lm_head, so the logits
-//! tensor is (scored tokens × vocab), never (all tokens × vocab); the log-softmax + gather is
-//! one fused op ([`super::token_logprob`]) that keeps no further vocab-sized intermediates.
+//! are (scored tokens × vocab), never (all tokens × vocab); the lm_head, log-softmax and gather
+//! are one op ([`super::lm_head_logprob`]) that holds no (tokens × vocab) tensor twice and
+//! yields TRL's per-token statistics from the same pass.
 //!
 //! Legend: b batch, t time, c channels, n scored tokens, v vocab, s sequences.
 
 use candle_core::{Tensor, D};
 
-use super::token_logprob::token_logprobs;
+use super::lm_head_logprob::head_logprobs;
+use super::token_logprob::RowStats;
 use crate::data::collate::Collated;
 use crate::error::Result;
-use crate::model::linear::frozen_matmul;
 use crate::model::Decoder;
 
 /// Log-probs of one collated batch.
 pub struct Scored {
     /// (b, t, c) final hidden states.
     pub hidden: Tensor,
-    /// (n, v) logits of the scored positions (kept for metrics; detach before use).
-    pub logits: Tensor,
+    /// Entropy, mean logit and top-1 hit of each scored position (empty unless asked for).
+    pub stats: Vec<RowStats>,
     /// (n,) log π of each scored token.
     pub token_logps: Tensor,
     /// (s,) summed log-prob of each sequence's completion tokens.
@@ -30,26 +31,36 @@ pub struct Scored {
 
 /// Runs the decoder and scores every completion token in `batch`.
 pub fn score(model: &Decoder, batch: &Collated) -> Result<Scored> {
-    score_at_temperature(model, batch, 1.0)
+    score_at_temperature(model, batch, 1.0, false)
+}
+
+/// As [`score`], with each scored position's statistics (TRL's entropy, logits and accuracy
+/// metrics).
+pub fn score_with_stats(model: &Decoder, batch: &Collated) -> Result<Scored> {
+    score_at_temperature(model, batch, 1.0, true)
 }
 
 /// As [`score`], with the logits divided by `temperature` first (TRL's GRPO scores the
-/// policy and the reference at the sampling temperature).
-pub fn score_at_temperature(model: &Decoder, batch: &Collated, temperature: f64) -> Result<Scored> {
+/// policy and the reference at the sampling temperature), and the statistics if `stats`.
+pub fn score_at_temperature(
+    model: &Decoder,
+    batch: &Collated,
+    temperature: f64,
+    stats: bool,
+) -> Result<Scored> {
     let hidden = model.forward_hidden(&batch.input)?; // (b, t, c)
     let device = hidden.device().clone();
     let c = hidden.dim(D::Minus1)?;
     let rows = Tensor::new(batch.score_rows.as_slice(), &device)?;
     let picked = hidden.reshape(((), c))?.index_select(&rows, 0)?; // (n, c)
-                                                                   // A frozen lm_head (LoRA) gets no (v, c) gradient: see `frozen_matmul`.
-    let logits = frozen_matmul(&picked, &model.lm_head().t()?)?; // (n, v)
-    let logits = if temperature == 1.0 {
-        logits
+                                                                   // (h·Wᵀ)/T = (h/T)·Wᵀ: the temperature scales the (n, c) input, not (n, v) logits.
+    let picked = if temperature == 1.0 {
+        picked
     } else {
-        (logits / temperature)?
+        (picked / temperature)?
     };
-    let targets = Tensor::new(batch.targets.as_slice(), &device)?;
-    let token_logps = token_logprobs(&logits, &targets)?; // (n,)
+    let head = head_logprobs(&picked, model.lm_head(), &batch.targets, stats)?;
+    let token_logps = head.token_logps; // (n,)
     let completion: Vec<f32> = batch
         .in_completion
         .iter()
@@ -62,7 +73,7 @@ pub fn score_at_temperature(model: &Decoder, batch: &Collated, temperature: f64)
     }
     Ok(Scored {
         hidden,
-        logits,
+        stats: head.stats,
         token_logps,
         seq_logps,
         seq_tokens,
@@ -116,7 +127,7 @@ mod tests {
             loss_start: 2,
         };
         let batch = crate::data::collate::collate(&[&seq], 0, None, &[], &Device::Cpu).unwrap();
-        let got = score_at_temperature(&model, &batch, 0.7)
+        let got = score_at_temperature(&model, &batch, 0.7, false)
             .unwrap()
             .seq_logps
             .to_vec1::<f32>()

@@ -3,6 +3,7 @@
 pub mod dpo;
 pub mod grpo;
 pub mod kto;
+pub mod lm_head_logprob;
 pub mod log_sigmoid;
 pub mod logps;
 pub mod orpo;

@@ -5,9 +5,12 @@
 //!
 //! Legend: b batch, t time, c channels, h heads, d head dim.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Tensor, D};
 
 use super::cache::KvCache;
+use super::checkpoint::{checkpoint, LayerFn};
 use super::config::ModelConfig;
 use super::linear::Linear;
 use super::ops::{attention, layer_norm};
@@ -33,7 +36,7 @@ pub struct Gpt2 {
     cfg: ModelConfig,
     wte: Tensor,
     wpe: Tensor,
-    blocks: Vec<Block>,
+    blocks: Vec<Arc<Block>>,
     ln_f: Norm,
 }
 
@@ -65,14 +68,14 @@ impl Gpt2 {
         )?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            blocks.push(Block {
+            blocks.push(Arc::new(Block {
                 ln_1: norm(&format!("h.{l}.ln_1"))?,
                 c_attn: conv(&format!("h.{l}.attn.c_attn"), c, 3 * c)?,
                 c_proj: conv(&format!("h.{l}.attn.c_proj"), c, c)?,
                 ln_2: norm(&format!("h.{l}.ln_2"))?,
                 c_fc: conv(&format!("h.{l}.mlp.c_fc"), c, i)?,
                 mlp_proj: conv(&format!("h.{l}.mlp.c_proj"), i, c)?,
-            });
+            }));
         }
         Ok(Gpt2 {
             cfg: cfg.clone(),
@@ -83,15 +86,17 @@ impl Gpt2 {
         })
     }
 
-    /// Final-normed hidden states (b, t, c); see [`super::llama::Llama::forward_hidden`] for the cache.
+    /// Final-normed hidden states (b, t, c); see [`super::llama::Llama::forward_hidden`] for
+    /// the cache and `checkpointed`.
     pub fn forward_hidden(
         &self,
         input: &ForwardInput,
         mut cache: Option<&mut KvCache>,
+        checkpointed: bool,
     ) -> Result<Tensor> {
         let (b, t) = input.ids.dims2()?;
         let cfg = &self.cfg;
-        let (h, d, c) = (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size);
+        let c = cfg.hidden_size;
         if let Some(&p) = input.positions.iter().max() {
             if p as usize >= cfg.max_position_embeddings {
                 return Err(LeashError::usage(
@@ -108,28 +113,15 @@ impl Gpt2 {
         let pos = self.wpe.index_select(&positions, 0)?;
         let mut x = (tok + pos)?.reshape((b, t, c))?; // (b, t, c)
         for (l, blk) in self.blocks.iter().enumerate() {
-            let a = layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
-            let qkv = blk.c_attn.forward(&a)?; // (b, t, 3c)
-            let split = |k: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(D::Minus1, k * c, c)?
-                    .reshape((b, t, h, d))?
-                    .transpose(1, 2) // (b, h, t, d)
-            };
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(l, &split(1)?, &split(2)?)?,
-                None => (split(1)?, split(2)?),
-            };
-            let y = attention(&split(0)?, &k, &v, &input.mask)?;
-            let y = y.transpose(1, 2)?.reshape((b, t, c))?;
-            x = (x + blk.c_proj.forward(&y)?)?;
-            let m = layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;
-            let m = blk.c_fc.forward(&m)?;
-            let m = if cfg.gelu_tanh {
-                m.gelu()?
+            x = if checkpointed && cache.is_none() {
+                let (blk2, cfg, mask) = (blk.clone(), cfg.clone(), input.mask.clone());
+                let f: LayerFn =
+                    Arc::new(move |x: &Tensor| block_forward(&blk2, &cfg, x, &mask, None));
+                checkpoint(&x, blk.tensors(), f)?
             } else {
-                m.gelu_erf()?
+                let cache = cache.as_deref_mut().map(|c| (c, l));
+                block_forward(blk, cfg, &x, &input.mask, cache)?
             };
-            x = (x + blk.mlp_proj.forward(&m)?)?;
         }
         Ok(layer_norm(
             &x,
@@ -143,4 +135,54 @@ impl Gpt2 {
     pub fn lm_head(&self) -> &Tensor {
         &self.wte
     }
+}
+
+impl Block {
+    fn tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![
+            self.ln_1.weight.clone(),
+            self.ln_1.bias.clone(),
+            self.ln_2.weight.clone(),
+            self.ln_2.bias.clone(),
+        ];
+        for lin in [&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj] {
+            out.extend(lin.tensors());
+        }
+        out
+    }
+}
+
+/// One block: x (b, t, c) → x + attention, then + MLP; with a cache, block `l`'s keys and
+/// values are appended.
+fn block_forward(
+    blk: &Block,
+    cfg: &ModelConfig,
+    x: &Tensor,
+    mask: &Tensor,
+    cache: Option<(&mut KvCache, usize)>,
+) -> candle_core::Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    let (h, d) = (cfg.num_attention_heads, cfg.head_dim);
+    let a = layer_norm(x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
+    let qkv = blk.c_attn.forward(&a)?; // (b, t, 3c)
+    let split = |k: usize| -> candle_core::Result<Tensor> {
+        qkv.narrow(D::Minus1, k * c, c)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2) // (b, h, t, d)
+    };
+    let (k, v) = match cache {
+        Some((cache, l)) => cache.append(l, &split(1)?, &split(2)?)?,
+        None => (split(1)?, split(2)?),
+    };
+    let y = attention(&split(0)?, &k, &v, mask)?;
+    let y = y.transpose(1, 2)?.reshape((b, t, c))?;
+    let x = (x + blk.c_proj.forward(&y)?)?;
+    let m = layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;
+    let m = blk.c_fc.forward(&m)?;
+    let m = if cfg.gelu_tanh {
+        m.gelu()?
+    } else {
+        m.gelu_erf()?
+    };
+    x + blk.mlp_proj.forward(&m)?
 }

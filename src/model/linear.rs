@@ -42,6 +42,16 @@ impl Linear {
         }
     }
 
+    /// Every tensor of the layer (weight, bias, adapter factors), for gradient checkpointing.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.weight.clone()];
+        out.extend(self.bias.clone());
+        if let Some(ad) = &self.lora {
+            out.extend([ad.a.clone(), ad.b.clone()]);
+        }
+        out
+    }
+
     /// W as (in, out), ready to right-multiply rows.
     fn weight_in_out(&self) -> candle_core::Result<Tensor> {
         if self.transposed {
@@ -64,7 +74,7 @@ impl Module for Linear {
                 let bias = self.bias.as_ref();
                 if ad.dropout > 0.0 && ad.a.is_variable() {
                     // Training: the adapter sees a freshly dropped-out copy of its input.
-                    let keep = dropout_keep_mask(x2.elem_count(), ad.dropout);
+                    let keep = dropout_tape::mask(x2.elem_count(), ad.dropout)?;
                     lora_fused::lora_linear_dropout(
                         &x2, &w, bias, &ad.a, &ad.b, ad.scale, keep, ad.dropout,
                     )?
@@ -157,4 +167,98 @@ fn dropout_keep_mask(n: usize, p: f64) -> Vec<u8> {
     (0..n)
         .map(|_| (rng.gen::<u32>() > threshold) as u8)
         .collect()
+}
+
+/// LoRA dropout masks of a checkpointed layer ([`super::checkpoint`]): recorded in its first
+/// run and handed out again, in the same order, in its rerun during backward, so the rerun
+/// computes exactly what the first run did. Per thread; outside both, masks are just drawn.
+pub mod dropout_tape {
+    use std::cell::RefCell;
+
+    enum Mode {
+        Off,
+        /// Masks drawn so far; `source` (reversed) supplies them instead of drawing when this
+        /// record runs inside a replay.
+        Record {
+            drawn: Vec<Vec<u8>>,
+            source: Option<Vec<Vec<u8>>>,
+        },
+        /// Recorded masks still to hand out, reversed.
+        Replay(Vec<Vec<u8>>),
+    }
+
+    thread_local! {
+        static TAPE: RefCell<Mode> = const { RefCell::new(Mode::Off) };
+    }
+
+    fn mismatch() -> candle_core::Error {
+        candle_core::Error::Msg(
+            "gradient checkpointing: the rerun drew a dropout mask the first run did not".into(),
+        )
+    }
+
+    /// A keep mask of `n` bytes for dropout probability `p`.
+    pub(super) fn mask(n: usize, p: f64) -> candle_core::Result<Vec<u8>> {
+        TAPE.with(|t| match &mut *t.borrow_mut() {
+            Mode::Off => Ok(super::dropout_keep_mask(n, p)),
+            Mode::Record { drawn, source } => {
+                let m = match source {
+                    Some(q) => q.pop().filter(|m| m.len() == n).ok_or_else(mismatch)?,
+                    None => super::dropout_keep_mask(n, p),
+                };
+                drawn.push(m.clone());
+                Ok(m)
+            }
+            Mode::Replay(q) => q.pop().filter(|m| m.len() == n).ok_or_else(mismatch),
+        })
+    }
+
+    /// Runs `f`, returning the masks it drew (inside a replay: took). Nested records also
+    /// count towards the enclosing one.
+    pub fn record<T>(
+        f: impl FnOnce() -> candle_core::Result<T>,
+    ) -> candle_core::Result<(T, Vec<Vec<u8>>)> {
+        let mut prev = TAPE.with(|t| t.replace(Mode::Off));
+        let source = match &mut prev {
+            Mode::Replay(q) => Some(std::mem::take(q)),
+            Mode::Record { source, .. } => source.take(),
+            Mode::Off => None,
+        };
+        TAPE.with(|t| {
+            t.replace(Mode::Record {
+                drawn: Vec::new(),
+                source,
+            })
+        });
+        let out = f();
+        let (drawn, source) = match TAPE.with(|t| t.replace(Mode::Off)) {
+            Mode::Record { drawn, source } => (drawn, source),
+            _ => (Vec::new(), None),
+        };
+        match &mut prev {
+            Mode::Replay(q) => *q = source.unwrap_or_default(),
+            Mode::Record {
+                drawn: outer,
+                source: s,
+            } => {
+                outer.extend(drawn.iter().cloned());
+                *s = source;
+            }
+            Mode::Off => {}
+        }
+        TAPE.with(|t| t.replace(prev));
+        Ok((out?, drawn))
+    }
+
+    /// Runs `f`, handing it `masks` in the order they were recorded.
+    pub fn replay<T>(
+        masks: &[Vec<u8>],
+        f: impl FnOnce() -> candle_core::Result<T>,
+    ) -> candle_core::Result<T> {
+        let reversed = masks.iter().rev().cloned().collect();
+        let prev = TAPE.with(|t| t.replace(Mode::Replay(reversed)));
+        let out = f();
+        TAPE.with(|t| t.replace(prev));
+        out
+    }
 }

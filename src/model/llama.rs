@@ -4,9 +4,12 @@
 //!
 //! Legend: b batch, t time, c hidden channels, h heads, d head dim, i MLP width.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Tensor};
 
 use super::cache::KvCache;
+use super::checkpoint::{checkpoint, LayerFn};
 use super::config::ModelConfig;
 use super::linear::Linear;
 use super::ops::{apply_rope, attention, rms_norm, rope_inv_freq, rope_tables, swiglu};
@@ -29,7 +32,7 @@ struct Layer {
 pub struct Llama {
     cfg: ModelConfig,
     embed: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Arc<Layer>>,
     norm: Tensor,
     lm_head: Tensor,
     inv_freq: Vec<f32>,
@@ -56,7 +59,7 @@ impl Llama {
             let pre = format!("model.layers.{l}");
             let attn = format!("{pre}.self_attn");
             let mlp = format!("{pre}.mlp");
-            layers.push(Layer {
+            layers.push(Arc::new(Layer {
                 input_norm: p.get(&format!("{pre}.input_layernorm.weight"), &[c])?,
                 q: linear(p, &format!("{attn}.q_proj"), q_dim, c, cfg.qkv_bias)?,
                 k: linear(p, &format!("{attn}.k_proj"), kv_dim, c, cfg.qkv_bias)?,
@@ -66,7 +69,7 @@ impl Llama {
                 gate: linear(p, &format!("{mlp}.gate_proj"), i, c, cfg.mlp_bias)?,
                 up: linear(p, &format!("{mlp}.up_proj"), i, c, cfg.mlp_bias)?,
                 down: linear(p, &format!("{mlp}.down_proj"), c, i, cfg.mlp_bias)?,
-            });
+            }));
         }
         let norm = p.get("model.norm.weight", &[c])?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -85,19 +88,17 @@ impl Llama {
     }
 
     /// Final-normed hidden states (b, t, c). With a cache, `input` holds only the new
-    /// positions and its mask spans (cached + new) keys.
+    /// positions and its mask spans (cached + new) keys. With `checkpointed`, each layer keeps
+    /// only its input for backward ([`super::checkpoint`]).
     pub fn forward_hidden(
         &self,
         input: &ForwardInput,
         mut cache: Option<&mut KvCache>,
+        checkpointed: bool,
     ) -> Result<Tensor> {
         let (b, t) = input.ids.dims2()?;
         let cfg = &self.cfg;
-        let (hq, hkv, d) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let d = cfg.head_dim;
         let (cos, sin) = rope_tables(&input.positions, &self.inv_freq, input.ids.device())?;
         let dtype = self.embed.dtype();
         let cos = cos.reshape((b, 1, t, d))?.to_dtype(dtype)?;
@@ -107,24 +108,17 @@ impl Llama {
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?; // (b, t, c)
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, cfg.norm_eps)?;
-            let heads = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
-                lin.forward(&h)?.reshape((b, t, n, d))?.transpose(1, 2) // (b, n, t, d)
+            x = if checkpointed && cache.is_none() {
+                let (layer2, cfg) = (layer.clone(), cfg.clone());
+                let (cos, sin, mask) = (cos.clone(), sin.clone(), input.mask.clone());
+                let f: LayerFn = Arc::new(move |x: &Tensor| {
+                    layer_forward(&layer2, &cfg, x, &cos, &sin, &mask, None)
+                });
+                checkpoint(&x, layer.tensors(), f)?
+            } else {
+                let cache = cache.as_deref_mut().map(|c| (c, l));
+                layer_forward(layer, cfg, &x, &cos, &sin, &input.mask, cache)?
             };
-            let q = apply_rope(&heads(&layer.q, hq)?, &cos, &sin)?;
-            let k = apply_rope(&heads(&layer.k, hkv)?, &cos, &sin)?;
-            let v = heads(&layer.v, hkv)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(l, &k, &v)?, // (b, hkv, s, d)
-                None => (k, v),
-            };
-            let y = attention(&q, &k, &v, &input.mask)?; // (b, hq, t, d)
-            let y = y.transpose(1, 2)?.reshape((b, t, hq * d))?;
-            x = (x + layer.o.forward(&y)?)?;
-            let h = rms_norm(&x, &layer.post_norm, cfg.norm_eps)?;
-            let gated = swiglu(&layer.gate.forward(&h)?, &layer.up.forward(&h)?)?; // (b, t, i)
-            let mlp = layer.down.forward(&gated)?;
-            x = (x + mlp)?;
         }
         Ok(rms_norm(&x, &self.norm, cfg.norm_eps)?)
     }
@@ -133,4 +127,52 @@ impl Llama {
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
     }
+}
+
+impl Layer {
+    fn tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.input_norm.clone(), self.post_norm.clone()];
+        for lin in [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ] {
+            out.extend(lin.tensors());
+        }
+        out
+    }
+}
+
+/// One decoder layer: x (b, t, c) → x + attention, then + MLP. With a cache, this layer's
+/// keys and values (layer `l`) are appended and attention spans them.
+fn layer_forward(
+    layer: &Layer,
+    cfg: &ModelConfig,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+    cache: Option<(&mut KvCache, usize)>,
+) -> candle_core::Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let (hq, hkv, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let h = rms_norm(x, &layer.input_norm, cfg.norm_eps)?;
+    let heads = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
+        lin.forward(&h)?.reshape((b, t, n, d))?.transpose(1, 2) // (b, n, t, d)
+    };
+    let q = apply_rope(&heads(&layer.q, hq)?, cos, sin)?;
+    let k = apply_rope(&heads(&layer.k, hkv)?, cos, sin)?;
+    let v = heads(&layer.v, hkv)?;
+    let (k, v) = match cache {
+        Some((c, l)) => c.append(l, &k, &v)?, // (b, hkv, s, d)
+        None => (k, v),
+    };
+    let y = attention(&q, &k, &v, mask)?; // (b, hq, t, d)
+    let y = y.transpose(1, 2)?.reshape((b, t, hq * d))?;
+    let x = (x + layer.o.forward(&y)?)?;
+    let h = rms_norm(&x, &layer.post_norm, cfg.norm_eps)?;
+    let gated = swiglu(&layer.gate.forward(&h)?, &layer.up.forward(&h)?)?; // (b, t, i)
+    x + layer.down.forward(&gated)?
 }

@@ -1,6 +1,7 @@
 //! Causal language models: config, weights, the decoder families, and a loaded checkpoint.
 
 pub mod cache;
+pub mod checkpoint;
 pub mod config;
 pub mod fused;
 pub mod fused_attention;
@@ -48,6 +49,8 @@ pub struct Decoder {
     params: Vec<(String, Tensor)>,
     /// Every linear module (path, sizes): what LoRA can target.
     modules: Vec<lora::LinearModule>,
+    /// Keep only each layer's input for backward and rerun the layer there.
+    gradient_checkpointing: bool,
 }
 
 impl Decoder {
@@ -73,6 +76,7 @@ impl Decoder {
             arch,
             params,
             modules,
+            gradient_checkpointing: false,
         })
     }
 
@@ -84,6 +88,12 @@ impl Decoder {
             self.config.clone(),
             ParamLoader::with_adapters(&weights, adapters),
         )
+    }
+
+    /// Turns gradient checkpointing on or off for this model's forward passes
+    /// ([`checkpoint`]); training must then take gradients with [`checkpoint::backward`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     pub fn linear_modules(&self) -> &[lora::LinearModule] {
@@ -102,8 +112,8 @@ impl Decoder {
         cache: Option<&mut cache::KvCache>,
     ) -> Result<Tensor> {
         match &self.arch {
-            Arch::Llama(m) => m.forward_hidden(input, cache),
-            Arch::Gpt2(m) => m.forward_hidden(input, cache),
+            Arch::Llama(m) => m.forward_hidden(input, cache, self.gradient_checkpointing),
+            Arch::Gpt2(m) => m.forward_hidden(input, cache, self.gradient_checkpointing),
         }
     }
 

@@ -39,7 +39,6 @@ use crate::loss::grpo::{
     advantages, grpo_loss, GrpoInputs, GrpoLossType, GrpoOptions, ScaleRewards,
 };
 use crate::loss::logps::score_at_temperature;
-use crate::loss::token_logprob::row_stats;
 use crate::model::Decoder;
 use crate::scoring::load_model;
 
@@ -291,7 +290,7 @@ fn rollout(
             .collect();
         let old = if cfg.num_iterations > 1 {
             Some(
-                score_at_temperature(m.sampler, &batch, cfg.temperature)?
+                score_at_temperature(m.sampler, &batch, cfg.temperature, false)?
                     .token_logps
                     .detach(),
             )
@@ -300,7 +299,7 @@ fn rollout(
         };
         let reference = match m.reference {
             Some(r) => Some(
-                score_at_temperature(r, &batch, cfg.temperature)?
+                score_at_temperature(r, &batch, cfg.temperature, false)?
                     .token_logps
                     .detach(),
             ),
@@ -454,7 +453,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         let mut grads = GradAccumulator::new(vars.len());
         let mut step_loss = 0.0;
         for mb in &batch.micro {
-            let scored = score_at_temperature(&policy, &mb.batch, cfg.temperature)?;
+            let scored = score_at_temperature(&policy, &mb.batch, cfg.temperature, true)?;
             let out = grpo_loss(
                 &GrpoInputs {
                     logps: &scored.token_logps,
@@ -478,10 +477,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 ));
             }
             step_loss += value;
-            let store = loss.backward()?;
+            let store = crate::model::checkpoint::backward(&loss)?;
             grads.add(&store, &vars)?;
-            let stats = row_stats(&scored.logits.detach(), &mb.batch.targets)?;
-            let (ent, cnt) = stats
+            let (ent, cnt) = scored
+                .stats
                 .iter()
                 .zip(&mb.mask)
                 .fold((0.0, 0.0), |(e, c), (s, &m)| {
@@ -523,6 +522,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             record.insert("learning_rate".into(), lr.into());
             record.insert("num_tokens".into(), (state.total_tokens as f64).into());
             record.extend(acc.take());
+            if done {
+                // Not a TRL metric: the run's peak resident memory, in its last log line.
+                record.insert("peak_rss_mib".into(), crate::runtime::peak_rss_mib().into());
+            }
             last_loss = record.get("loss").and_then(Value::as_f64);
             progress.println(human_line(&record));
             log.write(&record)?;

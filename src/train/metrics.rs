@@ -85,6 +85,7 @@ pub fn human_line(record: &Map<String, Value>) -> String {
         "mean_token_accuracy",
         "grad_norm",
         "learning_rate",
+        "peak_rss_mib",
     ];
     let mut parts = vec![format!(
         "step {}",

@@ -15,3 +15,4 @@ pub mod run_dir;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
+pub mod update;

@@ -37,7 +37,17 @@ fn default_targets(base: &Decoder) -> Vec<String> {
     }
 }
 
+/// The policy and reference for `cfg`; the policy checkpoints its layers when
+/// `gradient_checkpointing` is on (the reference and the frozen view never build a graph).
 pub fn build_policy(cfg: &TrainConfig, base: Decoder, device: &Device) -> Result<Policy> {
+    let mut policy = build(cfg, base, device)?;
+    policy
+        .model
+        .set_gradient_checkpointing(cfg.gradient_checkpointing);
+    Ok(policy)
+}
+
+fn build(cfg: &TrainConfig, base: Decoder, device: &Device) -> Result<Policy> {
     if !cfg.use_peft {
         let (model, vars) = base.to_trainable()?;
         let frozen = Decoder::frozen_view(&model.config, &vars)?;

@@ -15,9 +15,9 @@ use crate::data::pack::collate_packed;
 use crate::error::Result;
 use crate::loss::dpo::{dpo_loss, DpoLossType, DpoOptions, PairLogps};
 use crate::loss::kto::{kto_loss, KtoOptions};
-use crate::loss::logps::{score, segment_sum, Scored};
+use crate::loss::logps::{score, score_with_stats, segment_sum};
 use crate::loss::orpo::orpo_loss;
-use crate::loss::token_logprob::row_stats;
+use crate::loss::token_logprob::RowStats;
 use crate::model::Decoder;
 
 /// Reference log-probs of one example: (chosen, rejected) for pairs, (completion, KL) for KTO.
@@ -89,12 +89,7 @@ struct TokenSums {
     count: f64,
 }
 
-fn token_sums(
-    scored: &Scored,
-    b: &Collated,
-    in_group: impl Fn(usize) -> bool,
-) -> Result<TokenSums> {
-    let stats = row_stats(&scored.logits.detach(), &b.targets)?;
+fn token_sums(stats: &[RowStats], b: &Collated, in_group: impl Fn(usize) -> bool) -> TokenSums {
     let mut s = TokenSums {
         entropy: 0.0,
         logit: 0.0,
@@ -109,7 +104,7 @@ fn token_sums(
             s.count += 1.0;
         }
     }
-    Ok(s)
+    s
 }
 
 fn vec1(t: &Tensor) -> Result<Vec<f32>> {
@@ -155,9 +150,9 @@ fn sft(
         .collect();
     let seqs = sequences(&pcs, ctx.cfg.max_length);
     let b = batch(ctx, &seqs, &[])?;
-    let scored = score(ctx.policy, &b)?;
+    let scored = score_with_stats(ctx.policy, &b)?;
     let loss = (scored.token_logps.sum_all()?.neg()? / sft_tokens.max(1.0))?;
-    let s = token_sums(&scored, &b, |_| true)?;
+    let s = token_sums(&scored.stats, &b, |_| true);
     Ok(MicroOutput {
         loss,
         metrics: vec![
@@ -223,7 +218,7 @@ fn dpo(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Re
     let p = examples.len();
     let seqs = pair_sequences(examples, cfg.max_length);
     let b = batch(ctx, &seqs, &[])?;
-    let scored = score(ctx.policy, &b)?;
+    let scored = score_with_stats(ctx.policy, &b)?;
     let (ref_c, ref_r) = reference_logps(ctx, examples, &b, None)?;
     let lp_c = scored.seq_logps.narrow(0, 0, p)?;
     let lp_r = scored.seq_logps.narrow(0, p, p)?;
@@ -256,9 +251,10 @@ fn dpo(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Re
     }
     let (rc, rr) = (vec1(&out.chosen_rewards)?, vec1(&out.rejected_rewards)?);
     let (lc, lr) = (vec1(&lp_c)?, vec1(&lp_r)?);
-    let all = token_sums(&scored, &b, |_| true)?;
-    let cs = token_sums(&scored, &b, |s| s < p)?;
-    let rs = token_sums(&scored, &b, |s| s >= p)?;
+    let stats = &scored.stats;
+    let all = token_sums(stats, &b, |_| true);
+    let cs = token_sums(stats, &b, |s| s < p);
+    let rs = token_sums(stats, &b, |s| s >= p);
     let per_token = |v: &[f32], n: &[f32]| {
         mean(
             &v.iter()
@@ -310,7 +306,7 @@ fn kto(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Re
     }
     let b = batch(ctx, &sequences(&main, cfg.max_length), &[])?;
     let kb = batch(ctx, &sequences(&kl, cfg.max_length), &[])?;
-    let scored = score(ctx.policy, &b)?;
+    let scored = score_with_stats(ctx.policy, &b)?;
     let kl_logps = score(ctx.policy_frozen, &kb)?.seq_logps;
     let (ref_main, ref_kl) = reference_logps(ctx, examples, &b, Some(&kb))?;
     let out = kto_loss(
@@ -335,7 +331,8 @@ fn kto(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Re
             .collect()
     };
     let mut metrics: Metrics = vec![("kl", out.kl as f64)];
-    let all = token_sums(&scored, &b, |_| true)?;
+    let stats = &scored.stats;
+    let all = token_sums(stats, &b, |_| true);
     metrics.push(("entropy", all.entropy / all.count.max(1.0)));
     for (want, names) in [
         (true, ["rewards/chosen", "logps/chosen", "logits/chosen"]),
@@ -348,7 +345,7 @@ fn kto(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Re
         if r.is_empty() {
             continue;
         }
-        let s = token_sums(&scored, &b, |i| desirable[i] == want)?;
+        let s = token_sums(stats, &b, |i| desirable[i] == want);
         metrics.push((names[0], mean(&r)));
         metrics.push((names[1], mean(&pick(&logps, want))));
         metrics.push((names[2], s.logit / s.count.max(1.0)));

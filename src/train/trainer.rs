@@ -12,17 +12,17 @@ use serde_json::{Map, Value};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
 use super::config::{Method, TrainConfig};
-use super::divergence::{stopped, DivergenceGuard};
-use super::examples::{prepare, to_sequence, Prepared, TrainExample};
-use super::grads::GradAccumulator;
+use super::divergence::DivergenceGuard;
+use super::examples::{prepare, Prepared, TrainExample};
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
-use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
+use super::optimizer::AdamW;
 use super::policy::{build_policy, save_weights, Policy};
 use super::reference::reference_cache;
 use super::resume_check::{check_resume, RunIdentity};
 use super::run_dir::{prepare_output_dir, prune_checkpoints, trim_metrics};
 use super::schedule::{lr_factor, warmup_steps};
 use super::step::{micro_batch, RefLogps, Reference, StepContext};
+use super::update::{adamw, optimizer_step, sft_token_count};
 use crate::error::{LeashError, Result};
 use crate::model::Decoder;
 use crate::progress::Progress;
@@ -156,17 +156,6 @@ pub(crate) fn initial_state(
     Ok(state)
 }
 
-fn sft_token_count(prepared: &Prepared, batches: &[Vec<usize>], max_length: usize) -> f64 {
-    batches
-        .iter()
-        .flatten()
-        .map(|&i| match &prepared.examples[i].1 {
-            TrainExample::Sft(pc) => to_sequence(pc, max_length).scored_tokens(),
-            _ => 0,
-        })
-        .sum::<usize>() as f64
-}
-
 /// Runs training as configured. Progress and human lines go to stderr.
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let mut progress = check_output_dir(cfg)?;
@@ -245,15 +234,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         _ => Reference::None,
     };
 
-    let mut opt = AdamW::new(
-        &vars,
-        AdamWSettings {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
-    );
+    let mut opt = adamw(cfg, &vars);
     let mut state = initial_state(cfg, &vars, &mut opt, &progress)?;
     let n = train_data.examples.len();
     let per_epoch = steps_per_epoch(cfg, n);
@@ -272,8 +253,6 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
 
     for step in state.global_step..total {
         let batches = step_batches(cfg, n, step);
-        let micro = batches.len() as f64;
-        let sft_tokens = sft_token_count(&train_data, &batches, cfg.max_length);
         let ctx = StepContext {
             cfg,
             policy: &policy,
@@ -282,40 +261,21 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             pad_id: tokenizer.pad_id,
             device: &device,
         };
-        let mut grads = GradAccumulator::new(vars.len());
-        let mut step_loss = 0.0f64;
-        for positions in &batches {
-            let examples: Vec<(usize, &TrainExample)> = positions
-                .iter()
-                .map(|&i| (i, &train_data.examples[i].1))
-                .collect();
-            let out = micro_batch(&ctx, &examples, 1.0 / micro, sft_tokens)?;
-            let value = out.loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                progress.abandon();
-                return Err(stopped(
-                    &cfg.output_dir,
-                    step + 1,
-                    &format!("the loss became {value} (nothing of this step was applied)"),
-                    "lower --learning-rate or --beta, or keep --max-grad-norm on",
-                ));
-            }
-            step_loss += value;
-            let store = out.loss.backward()?;
-            grads.add(&store, &vars)?;
-            acc.add(&out.metrics);
-            state.total_tokens += out.tokens;
-        }
-        let mut grads = grads.finish(&vars)?;
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        let micro: Vec<Vec<(usize, &TrainExample)>> = batches
+            .iter()
+            .map(|b| b.iter().map(|&i| (i, &train_data.examples[i].1)).collect())
+            .collect();
+        let lr = cfg.learning_rate * lr_factor(&cfg.lr_scheduler_type, step, warmup, total);
+        let outcome = optimizer_step(&ctx, &vars, &mut opt, &micro, lr, step, &mut acc)
+            .inspect_err(|_| progress.abandon())?;
+        let (step_loss, grad_norm) = (outcome.loss, outcome.grad_norm);
+        state.total_tokens += outcome.tokens;
         let checked = guard
             .check_grads(&cfg.output_dir, step + 1, grad_norm)
             .inspect_err(|_| progress.abandon())?;
         if let Some(warning) = checked {
             progress.println(warning);
         }
-        let lr = cfg.learning_rate * lr_factor(&cfg.lr_scheduler_type, step, warmup, total);
-        opt.step(&vars, &grads, lr)?;
         guard
             .check_weights(&vars, &cfg.output_dir, step + 1)
             .inspect_err(|_| progress.abandon())?;
@@ -339,6 +299,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 record.insert("num_tokens".into(), (state.total_tokens as f64).into());
             }
             record.extend(acc.take());
+            if done {
+                // Not a TRL metric: the run's peak resident memory, in its last log line.
+                record.insert("peak_rss_mib".into(), crate::runtime::peak_rss_mib().into());
+            }
             last_loss = Some(loss_sum / loss_steps as f64);
             (loss_sum, loss_steps) = (0.0, 0);
             if cfg.method == Method::Dpo {
@@ -409,7 +373,7 @@ pub fn evaluate(
     for chunk in positions.chunks(cfg.per_device_eval_batch_size) {
         let examples: Vec<(usize, &TrainExample)> =
             chunk.iter().map(|&i| (i, &data.examples[i].1)).collect();
-        let tokens = sft_token_count(data, &[chunk.to_vec()], cfg.max_length);
+        let tokens = sft_token_count(&[examples.clone()], cfg.max_length);
         let out = micro_batch(&ctx, &examples, 1.0, tokens)?;
         losses.push(out.loss.to_scalar::<f32>()? as f64);
         acc.add(&out.metrics);
