@@ -291,6 +291,6 @@ mod tests {
         );
         assert!((s.mean_logit as f64 - mean).abs() < 1e-6);
         assert_eq!(s.argmax_hit, argmax == 3);
-        assert_eq!(stats_of_row(&row, argmax as u32).1.argmax_hit, true);
+        assert!(stats_of_row(&row, argmax as u32).1.argmax_hit);
     }
 }

@@ -373,7 +373,7 @@ pub fn evaluate(
     for chunk in positions.chunks(cfg.per_device_eval_batch_size) {
         let examples: Vec<(usize, &TrainExample)> =
             chunk.iter().map(|&i| (i, &data.examples[i].1)).collect();
-        let tokens = sft_token_count(&[examples.clone()], cfg.max_length);
+        let tokens = sft_token_count(std::slice::from_ref(&examples), cfg.max_length);
         let out = micro_batch(&ctx, &examples, 1.0, tokens)?;
         losses.push(out.loss.to_scalar::<f32>()? as f64);
         acc.add(&out.metrics);
