@@ -34,6 +34,9 @@ pub enum LeashError {
     /// Training stopped on purpose (NaN loss, interrupted) after saving what could be saved.
     #[error("{message}\nhint: {hint}")]
     Stopped { message: String, hint: String },
+    /// The user pressed Ctrl-C; what could be saved was saved. The binary exits 130.
+    #[error("{message}\nhint: {hint}")]
+    Interrupted { message: String, hint: String },
     /// A tensor operation failed: a bug or an unsupported shape, not a user mistake.
     #[error("tensor operation failed: {0}\nhint: this is likely a bug in leash; please report it with the command you ran")]
     Tensor(#[from] candle_core::Error),

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use leash::eval::evaluate::{eval_command, generate_command, EvalArgs, GenerateArgs};
 use leash::eval::generate::SamplingOptions;
 use leash::eval::judge::Judge;
@@ -37,7 +37,10 @@ enum Command {
     /// computed verdict: logps, grad, overtrain, beta-sweep, ipo-vs-dpo, kto, dpo-vs-grpo,
     /// length-bias, lora.
     Lab {
+        /// The experiment to run: logps, grad, overtrain, beta-sweep, ipo-vs-dpo, kto,
+        /// dpo-vs-grpo, length-bias or lora.
         experiment: String,
+        /// Output folder (the shared SFT reference lives in its `reference/` subfolder).
         #[arg(long, default_value = "runs/lab")]
         output_dir: PathBuf,
         /// The small configuration used by the tests.
@@ -63,6 +66,7 @@ enum Command {
     },
     /// Sample completions for prompts (JSONL `prompt` strings or conversations).
     Generate {
+        /// Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json).
         #[arg(long)]
         model: PathBuf,
         /// LoRA adapter to apply (PEFT layout).
@@ -80,8 +84,10 @@ enum Command {
     /// Evaluate a policy against its reference on held-out data: reward accuracy on pairs,
     /// KL(π‖π_ref) on samples, lengths, judge scores and win rate. Writes report.json.
     Eval {
+        /// The policy: a Hugging Face checkpoint folder (e.g. a training run's output folder).
         #[arg(long)]
         model: PathBuf,
+        /// LoRA adapter to apply to --model (PEFT layout).
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// The reference model folder (usually the model training started from).
@@ -93,6 +99,7 @@ enum Command {
         /// β for implicit rewards on pairs.
         #[arg(long, default_value_t = 0.1)]
         beta: f64,
+        /// Truncate prompt+completion to this many tokens when scoring pairs.
         #[arg(long, default_value_t = 1024)]
         max_length: usize,
         /// Samples per prompt for each of policy and reference.
@@ -112,6 +119,7 @@ enum Command {
         /// Seconds before a judge command is considered hung.
         #[arg(long, default_value_t = 300)]
         judge_timeout: u64,
+        /// Folder for samples.jsonl (every sample as it is produced) and report.json.
         #[arg(long)]
         output_dir: PathBuf,
     },
@@ -126,6 +134,9 @@ enum Command {
         /// Where to write the merged checkpoint.
         #[arg(long)]
         output_dir: PathBuf,
+        /// Allow writing into a folder that already holds a model or a training run.
+        #[arg(long)]
+        overwrite_output_dir: bool,
     },
     /// Measure throughput (tokens/s, GFLOP/s) of the hot paths on a random model.
     Bench {
@@ -168,13 +179,17 @@ enum DataAction {
     /// Length statistics of chosen vs rejected completions (chars); `length_bias` is the
     /// fraction of pairs with a longer chosen minus the fraction with a shorter one.
     Report {
+        /// JSONL preference data (prompt/chosen/rejected rows).
         #[arg(long)]
         dataset: PathBuf,
     },
-    /// Subsample so chosen is longer in as many pairs as it is shorter.
+    /// Subsample so chosen is longer in as many pairs as it is shorter; says how many pairs
+    /// were kept and dropped.
     BalanceLength {
+        /// JSONL preference data (prompt/chosen/rejected rows).
         #[arg(long)]
         dataset: PathBuf,
+        /// Where to write the balanced JSONL (the kept rows, unchanged, in file order).
         #[arg(long)]
         output: PathBuf,
     },
@@ -182,16 +197,20 @@ enum DataAction {
 
 #[derive(clap::Args)]
 struct SamplingArgs {
-    /// 0 = greedy.
+    /// Sampling temperature, ≥ 0; 0 = greedy, 1 = the model's own distribution.
     #[arg(long, default_value_t = 1.0)]
     temperature: f64,
-    /// 0 = off.
+    /// Keep only the k most likely tokens before sampling; 0 = off.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1];
+    /// 1 = off.
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
+    /// Most tokens generated per completion (generation also stops at EOS).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
+    /// Seed of the sampler (prompt i uses seed + i, so runs are reproducible).
     #[arg(long, default_value_t = 42)]
     seed: u64,
 }
@@ -244,7 +263,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = match action {
                 DataAction::Report { dataset } => leash::data::length::length_report(&dataset)?,
                 DataAction::BalanceLength { dataset, output } => {
-                    leash::data::length::balance_length(&dataset, &output)?
+                    let report = leash::data::length::balance_length(&dataset, &output)?;
+                    if let Some(note) = report["note"].as_str() {
+                        eprintln!("{note}");
+                    }
+                    report
                 }
             };
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -346,8 +369,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             adapter,
             output_dir,
+            overwrite_output_dir,
         } => {
-            leash::merge::merge(&model, &adapter, &output_dir)?;
+            leash::merge::merge_with(&model, &adapter, &output_dir, overwrite_output_dir)?;
             eprintln!("merged checkpoint written to {}", output_dir.display());
         }
         Command::Bench {
@@ -387,6 +411,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let device = candle_core::Device::Cpu;
             let (decoder, tokenizer) = leash::scoring::load_model(&model, &device)?;
+            let rows = leash::data::read::read_jsonl(&dataset)?.len();
+            let progress = leash::progress::Progress::new("logps", "row", rows as u64);
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             leash::scoring::score_dataset(
@@ -395,6 +421,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &dataset,
                 Some(max_length),
                 |obj| {
+                    progress.inc(1);
                     writeln!(out, "{obj}").map_err(|e| {
                         leash::LeashError::io(
                             std::path::Path::new("<stdout>"),
@@ -404,21 +431,122 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                 },
             )?;
+            progress.finish();
         }
     }
     Ok(())
 }
 
+/// The parser, with every option accepting values that start with `-`: `--learning-rate -1`
+/// must reach validation (and be refused with a reason), not read as an unknown flag.
+fn command() -> clap::Command {
+    fn negatives(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            if a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(negatives)
+    }
+    negatives(Cli::command())
+}
+
 fn main() -> ExitCode {
     leash::runtime::configure_process();
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // A closed pipe (`leash logps ... | head`) is the reader's choice, not an error.
         Err(e) if format!("{e}").contains("Broken pipe") => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
+        // Ctrl-C: the shell convention (128 + SIGINT), a plain message and the resume hint.
+        Err(e) => match e.downcast_ref::<leash::LeashError>() {
+            Some(leash::LeashError::Interrupted { message, hint }) => {
+                eprintln!("{message}\nhint: {hint}");
+                ExitCode::from(130)
+            }
+            _ => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand has help text (`--help` says what it is).
+    #[test]
+    fn every_argument_says_what_it_is() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if help.trim().len() < 8 || help.trim().starts_with("Default") {
+                    missing.push(format!("{path} --{id}: {help:?}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {}: no about", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "leash", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "arguments without help:\n{}",
+            missing.join("\n")
+        );
+    }
+
+    /// Negative numbers are values, for every numeric option of every command.
+    #[test]
+    fn negative_numbers_parse_as_values() {
+        for argv in [
+            &["leash", "dpo", "--learning-rate", "-1"][..],
+            &["leash", "sft", "--max-steps", "-1"],
+            &[
+                "leash",
+                "generate",
+                "--model",
+                "m",
+                "--prompts",
+                "p",
+                "--temperature",
+                "-1",
+            ],
+            &[
+                "leash",
+                "eval",
+                "--model",
+                "m",
+                "--reference",
+                "r",
+                "--dataset",
+                "d",
+                "--output-dir",
+                "o",
+                "--beta",
+                "-0.1",
+            ],
+        ] {
+            let m = command().try_get_matches_from(argv);
+            assert!(
+                m.is_ok(),
+                "{argv:?}: {}",
+                m.err().map(|e| e.to_string()).unwrap_or_default()
+            );
         }
     }
 }

@@ -18,7 +18,7 @@ fn args(out: &Path, steps: usize) -> TrainArgs {
         model: Some(fixture("tiny-llama")),
         dataset: Some(fixture("tiny-llama/pref_train.jsonl")),
         output_dir: Some(out.to_path_buf()),
-        max_steps: Some(steps),
+        max_steps: Some(steps as i64),
         learning_rate: Some(5e-4),
         max_length: Some(128),
         logging_steps: Some(1),

@@ -40,20 +40,23 @@ fn pair_lengths(path: &Path) -> Result<Vec<(usize, usize, usize)>> {
 
 /// Length statistics of chosen vs rejected completions.
 pub fn length_report(path: &Path) -> Result<Value> {
-    let pairs = pair_lengths(path)?;
+    Ok(statistics(&pair_lengths(path)?))
+}
+
+fn statistics(pairs: &[(usize, usize, usize)]) -> Value {
     let n = pairs.len().max(1) as f64;
     let mean =
         |f: fn(&(usize, usize, usize)) -> usize| pairs.iter().map(|p| f(p) as f64).sum::<f64>() / n;
     let longer = pairs.iter().filter(|p| p.1 > p.2).count() as f64 / n;
     let shorter = pairs.iter().filter(|p| p.1 < p.2).count() as f64 / n;
-    Ok(json!({
+    json!({
         "pairs": pairs.len(),
         "chosen_mean_chars": mean(|p| p.1),
         "rejected_mean_chars": mean(|p| p.2),
         "chosen_longer_fraction": longer,
         "chosen_shorter_fraction": shorter,
         "length_bias": longer - shorter,
-    }))
+    })
 }
 
 /// Writes to `output` every pair where chosen is not longer, plus as many chosen-longer pairs
@@ -77,7 +80,26 @@ pub fn balance_length(input: &Path, output: &Path) -> Result<Value> {
         .collect();
     std::fs::write(output, body)
         .map_err(|e| LeashError::io(output, e, "check the path is writable"))?;
-    length_report(output)
+    let kept: Vec<(usize, usize, usize)> = pairs
+        .iter()
+        .filter(|p| keep.binary_search(&p.0).is_ok())
+        .copied()
+        .collect();
+    let mut report = statistics(&kept);
+    let dropped = pairs.len() - keep.len();
+    report["input_pairs"] = pairs.len().into();
+    report["kept_pairs"] = keep.len().into();
+    report["dropped_pairs"] = dropped.into();
+    report["note"] = format!(
+        "kept {} of {} pairs, dropped {dropped} ({} where chosen is longer, {} where it is shorter); {} pairs had equal lengths",
+        keep.len(),
+        pairs.len(),
+        longer.len() - keep_n,
+        shorter.len() - keep_n,
+        pairs.len() - longer.len() - shorter.len(),
+    )
+    .into();
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -100,5 +122,17 @@ mod tests {
         let after = balance_length(&input, &dir.path().join("out.jsonl")).unwrap();
         assert_eq!(after["pairs"], 2);
         assert_eq!(after["length_bias"], 0.0);
+        assert_eq!(
+            (
+                &after["input_pairs"],
+                &after["kept_pairs"],
+                &after["dropped_pairs"]
+            ),
+            (&4.into(), &2.into(), &2.into())
+        );
+        assert_eq!(
+            after["note"],
+            "kept 2 of 4 pairs, dropped 2 (2 where chosen is longer, 0 where it is shorter); 0 pairs had equal lengths"
+        );
     }
 }

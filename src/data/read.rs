@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::error::{read_text, LeashError, Result};
+use crate::error::{LeashError, Result};
 
 /// One message of a conversation: its role, its text (for length reports) and every field as
 /// given (`content`, `tool_calls`, `reasoning_content`, …), which the chat template sees.
@@ -127,7 +127,25 @@ const KNOWN: &[&str] = &[
 
 /// Reads every non-blank line of a JSONL file.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
-    let text = read_text(path)?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| LeashError::io(path, e, "check the path exists and is readable"))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        // Name the line, as for every other rejection of a row.
+        let at = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = at
+            - before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1);
+        LeashError::row(
+            path,
+            line,
+            format!("not valid UTF-8 (byte {} of the line)", column + 1),
+            "save the file as UTF-8",
+        )
+    })?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;

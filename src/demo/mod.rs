@@ -124,8 +124,7 @@ fn init_model(dir: &Path, cfg: &DemoConfig, vocab: usize) -> Result<()> {
     let model = Decoder::from_weights(model_cfg, &Weights::random(init, &Device::Cpu))?;
     let tensors: HashMap<String, Tensor> = model.params().iter().cloned().collect();
     let weights = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &weights)
-        .map_err(|e| LeashError::file(&weights, e.to_string(), "check disk space"))
+    crate::files::save_safetensors(&tensors, &weights)
 }
 
 fn stage(name: &str, start: &Instant) {
@@ -146,7 +145,7 @@ pub fn run_args(
         dataset: Some(dataset),
         output_dir: Some(output.to_path_buf()),
         overwrite_output_dir: Some(true),
-        max_steps: Some(steps),
+        max_steps: Some(steps as i64),
         learning_rate: Some(lr),
         per_device_train_batch_size: Some(cfg.batch),
         max_length: Some(64),

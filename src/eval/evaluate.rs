@@ -6,9 +6,15 @@
 //! standard error, mean completion length, the judge's mean score, and the judge's win rate of
 //! policy over reference with ties counted apart. Samples are written as they are produced,
 //! so a failing judge loses nothing already computed.
+//!
+//! Beside the plain KL estimate (k1, the mean log-ratio, which is unbiased but can come out
+//! negative) the report gives k3 = E[(r − 1) − log r] with r = π_ref(y|x)/π(y|x), which is
+//! unbiased too and never negative (Schulman 2020, "Approximating KL divergence"), and
+//! `kl_note`, which says what `kl_unbiased` means.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use candle_core::Device;
 use rand::SeedableRng;
@@ -24,7 +30,31 @@ use crate::error::{LeashError, Result};
 use crate::loss::logps::score;
 use crate::model::lora::load_adapter;
 use crate::model::Decoder;
+use crate::progress::Progress;
 use crate::scoring::{load_model, score_dataset};
+
+/// What `kl`, `kl_k3` and `kl_unbiased` in eval's report mean (written into the report).
+pub const KL_NOTE: &str = "kl is the mean over samples y ~ π of log π(y|x) − log π_ref(y|x), summed over \
+completion tokens (estimator k1), with its standard error kl_se. kl_unbiased: true means the samples were \
+drawn from π itself (temperature 1, no top-k, no top-p), so kl is an unbiased estimate of KL(π‖π_ref): \
+unbiased, not non-negative — with few samples, or π close to π_ref, it can come out below 0 by chance \
+(compare it with kl_se). kl_k3 is the mean of (r − 1) − log r with r = π_ref(y|x)/π(y|x): unbiased \
+under the same condition, never negative, usually with less variance (Schulman 2020). When kl_unbiased \
+is false the samples come from a modified distribution and both are biased.";
+
+/// Schulman's k3 term for one sample with log-ratio `d` = log π(y|x) − log π_ref(y|x):
+/// (r − 1) − log r with r = e^(−d). Never negative (x − 1 ≥ log x); its mean over y ~ π is
+/// KL(π‖π_ref) because E_π[r] = 1.
+pub fn kl_k3(d: f64) -> f64 {
+    (-d).exp_m1() + d
+}
+
+fn interrupted(what: &str) -> LeashError {
+    LeashError::Interrupted {
+        message: format!("interrupted during {what}"),
+        hint: "rerun the command; samples.jsonl holds the samples written so far".into(),
+    }
+}
 
 /// A model folder plus an optional adapter.
 pub fn load_policy(model: &Path, adapter: Option<&Path>) -> Result<(Decoder, TextTokenizer)> {
@@ -108,9 +138,18 @@ pub struct GenerateArgs<'a> {
 
 /// `leash generate`: one JSON object per completion.
 pub fn generate_command(a: &GenerateArgs, mut emit: impl FnMut(Value) -> Result<()>) -> Result<()> {
+    a.sampling.validate()?;
+    if a.num_return_sequences == 0 {
+        return Err(LeashError::usage(
+            "num_return_sequences must be ≥ 1".to_string(),
+            "e.g. --num-return-sequences 4",
+        ));
+    }
     let (model, tok) = load_policy(a.model, a.adapter)?;
     let eos = eos_ids(&model, &tok);
-    for (i, (text, ids)) in prompts(a.prompts, &tok)?.iter().enumerate() {
+    let rows = prompts(a.prompts, &tok)?;
+    let progress = Progress::new("generate", "prompt", rows.len() as u64);
+    for (i, (text, ids)) in rows.iter().enumerate() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed.wrapping_add(i as u64));
         let outs = generate(
             &model,
@@ -128,7 +167,9 @@ pub fn generate_command(a: &GenerateArgs, mut emit: impl FnMut(Value) -> Result<
                 "finished": c.last().is_some_and(|t| eos.contains(t)),
             }))?;
         }
+        progress.inc(1);
     }
+    progress.finish();
     Ok(())
 }
 
@@ -217,6 +258,15 @@ fn pair_metrics(
 
 /// `leash eval`: writes `samples.jsonl` and `report.json` in the output folder; returns the report.
 pub fn eval_command(a: &EvalArgs) -> Result<Value> {
+    a.sampling.validate()?;
+    if a.num_samples == 0 {
+        return Err(LeashError::usage(
+            "num_samples must be ≥ 1".to_string(),
+            "e.g. --num-samples 4",
+        ));
+    }
+    // Ctrl-C ends the loop below (and any judge command's process group) cleanly.
+    crate::train::trainer::install_ctrl_c();
     std::fs::create_dir_all(&a.output_dir)
         .map_err(|e| LeashError::io(&a.output_dir, e, "check the path is writable"))?;
     let (policy, tok) = load_policy(a.model, a.adapter)?;
@@ -228,7 +278,13 @@ pub fn eval_command(a: &EvalArgs) -> Result<Value> {
         .map_err(|e| LeashError::io(&samples_path, e, "check the path is writable"))?;
     let (mut kl, mut lens_p, mut lens_r) = (Vec::new(), Vec::new(), Vec::new());
     let mut texts: Vec<(String, String, String)> = Vec::new(); // (prompt, policy, reference)
-    for (i, (text, ids)) in prompts(a.dataset, &tok)?.iter().enumerate() {
+    let rows = prompts(a.dataset, &tok)?;
+    let progress = Progress::new("eval", "prompt", rows.len() as u64);
+    for (i, (text, ids)) in rows.iter().enumerate() {
+        if crate::train::trainer::INTERRUPTED.load(Ordering::SeqCst) {
+            progress.abandon();
+            return Err(interrupted("sampling"));
+        }
         let seed = a.seed.wrapping_add(i as u64);
         let pol = generate(
             &policy,
@@ -262,11 +318,16 @@ pub fn eval_command(a: &EvalArgs) -> Result<Value> {
                 .map_err(|e| LeashError::io(&samples_path, e, "check disk space"))?;
             texts.push((text.clone(), cp, cr));
         }
+        progress.inc(1);
     }
+    progress.finish();
     let (kl_mean, kl_se) = mean_se(&kl);
+    let (k3_mean, k3_se) = mean_se(&kl.iter().map(|&d| kl_k3(d)).collect::<Vec<_>>());
     let mut report = json!({
         "kl": kl_mean, "kl_se": kl_se, "kl_samples": kl.len(),
+        "kl_k3": k3_mean, "kl_k3_se": k3_se,
         "kl_unbiased": a.sampling.is_pure(),
+        "kl_note": KL_NOTE,
         "policy/mean_length": mean_se(&lens_p).0, "reference/mean_length": mean_se(&lens_r).0,
         "samples": samples_path.display().to_string(),
     });
@@ -277,6 +338,7 @@ pub fn eval_command(a: &EvalArgs) -> Result<Value> {
     let prompts_v: Vec<&str> = texts.iter().map(|t| t.0.as_str()).collect();
     let pol_v: Vec<&str> = texts.iter().map(|t| t.1.as_str()).collect();
     let ref_v: Vec<&str> = texts.iter().map(|t| t.2.as_str()).collect();
+    progress.println(format!("eval: judging {} samples", texts.len()));
     let outcome = if a.pairwise {
         a.judge.compare(&prompts_v, &pol_v, &ref_v)?
     } else {
@@ -300,4 +362,29 @@ pub fn eval_command(a: &EvalArgs) -> Result<Value> {
     )
     .map_err(|e| LeashError::io(&path, e, "check disk space"))?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k3_is_non_negative_and_its_mean_under_pi_is_the_exact_kl() {
+        // By hand: d = ln 2 (π twice π_ref) gives r = 1/2 and k3 = −1/2 + ln 2.
+        assert!((kl_k3(2f64.ln()) - (2f64.ln() - 0.5)).abs() < 1e-15);
+        assert_eq!(kl_k3(0.0), 0.0);
+        for d in [-30.0, -1.0, -1e-9, 1e-9, 0.5, 40.0] {
+            assert!(kl_k3(d) >= 0.0, "k3({d}) = {}", kl_k3(d));
+        }
+        // Two categorical distributions: Σ π·k3 equals Σ π log(π/ρ) exactly (E_π[r] = 1).
+        let (pi, rho): ([f64; 3], [f64; 3]) = ([0.5, 0.3, 0.2], [0.2, 0.3, 0.5]);
+        let exact: f64 = pi.iter().zip(&rho).map(|(p, q)| p * (p / q).ln()).sum();
+        let k3: f64 = pi
+            .iter()
+            .zip(&rho)
+            .map(|(p, q)| p * kl_k3((p / q).ln()))
+            .sum();
+        assert!((exact - k3).abs() < 1e-12, "{exact} vs {k3}");
+        assert!((exact - 0.2748872196).abs() < 1e-9, "{exact}");
+    }
 }

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use crate::error::Result;
+use crate::error::{LeashError, Result};
 use crate::model::cache::KvCache;
 use crate::model::ops::{causal_mask, MASKED};
 use crate::model::{Decoder, ForwardInput};
@@ -28,6 +28,30 @@ impl SamplingOptions {
     /// True when samples come from the model's own distribution (needed for an unbiased KL).
     pub fn is_pure(&self) -> bool {
         self.temperature == 1.0 && self.top_k == 0 && self.top_p >= 1.0
+    }
+
+    /// Refuses values that have no meaning: a negative or non-finite temperature (0 is
+    /// greedy), top_p outside (0, 1], no tokens to generate.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(LeashError::usage(
+                format!("temperature must be ≥ 0 (got {})", self.temperature),
+                "0 is greedy decoding, 1 samples from the model as it is (e.g. --temperature 0.7)",
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(LeashError::usage(
+                format!("top_p must be in (0, 1] (got {})", self.top_p),
+                "it is the probability mass nucleus sampling keeps; 1 turns it off (e.g. --top-p 0.9)",
+            ));
+        }
+        if self.max_new_tokens == 0 {
+            return Err(LeashError::usage(
+                "max_new_tokens must be ≥ 1".to_string(),
+                "e.g. --max-new-tokens 64",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -2,9 +2,14 @@
 //! `{prompt, completion}` on stdin, one number per line on stdout), a pairwise command (JSONL
 //! `{prompt, completion_a, completion_b}` in, `a` / `b` / `tie` out), and built-in rule judges
 //! for the synthetic arithmetic task (polite + correct answers preferred).
+//!
+//! A command runs as `sh -c CMD` in a process group of its own; on a timeout, a failure or
+//! Ctrl-C the whole group is killed, so no scorer (or anything it started) is left running.
+//! Scores must be finite numbers: `nan` or `inf` is an error naming the command and row.
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -120,6 +125,28 @@ fn run_command(cmd: &str, input: String, timeout: Duration) -> Result<Vec<String
     run_command_as("judge", cmd, input, timeout)
 }
 
+/// The command's process group, killed (SIGKILL to every member) unless disarmed: on every
+/// early return — timeout, failure, Ctrl-C — nothing the command started outlives it.
+struct Group<'a> {
+    child: &'a mut Child,
+    armed: bool,
+}
+
+impl Drop for Group<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            #[cfg(unix)]
+            // SAFETY: kill(2) takes no pointers; a negative pid names the process group the
+            // child leads (`process_group(0)` at spawn), which exists until it is reaped below.
+            unsafe {
+                libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn run_command_as(role: &str, cmd: &str, input: String, timeout: Duration) -> Result<Vec<String>> {
     let fail = |msg: String| {
         LeashError::usage(
@@ -127,12 +154,18 @@ fn run_command_as(role: &str, cmd: &str, input: String, timeout: Duration) -> Re
             "run the command by hand on the same JSONL input to see what it does",
         )
     };
-    let mut child = Command::new("sh")
+    // Ctrl-C must reach this loop (to end the command's group) rather than kill leash alone.
+    crate::train::trainer::install_ctrl_c();
+    let mut command = Command::new("sh");
+    command
         .arg("-c")
         .arg(cmd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command
         .spawn()
         .map_err(|e| fail(format!("could not start: {e}")))?;
     let mut stdin = child
@@ -146,38 +179,56 @@ fn run_command_as(role: &str, cmd: &str, input: String, timeout: Duration) -> Re
         .stdout
         .take()
         .ok_or_else(|| fail("has no stdout".into()))?;
-    let reader = std::thread::spawn(move || {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut s = String::new();
         let _ = stdout.read_to_string(&mut s);
-        s
+        let _ = tx.send(s);
     });
+    let mut stderr = child.stderr.take();
+    let mut group = Group {
+        child: &mut child,
+        armed: true,
+    };
     let start = Instant::now();
+    let timed_out = || {
+        fail(format!(
+            "did not finish within {} s (timeout; its process group was killed)",
+            timeout.as_secs()
+        ))
+    };
     let status = loop {
-        if let Some(status) = child
+        if let Some(status) = group
+            .child
             .try_wait()
             .map_err(|e| fail(format!("wait failed: {e}")))?
         {
             break status;
         }
+        if crate::train::trainer::INTERRUPTED.load(Ordering::SeqCst) {
+            return Err(LeashError::Interrupted {
+                message: format!("interrupted while the {role} command `{cmd}` ran (its process group was killed)"),
+                hint: "rerun the command; nothing was lost that had been written".into(),
+            });
+        }
         if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(fail(format!(
-                "did not finish within {} s (timeout)",
-                timeout.as_secs()
-            )));
+            return Err(timed_out());
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    // Something the command started in the background may still hold its output open.
+    let out = rx
+        .recv_timeout(timeout.saturating_sub(start.elapsed()))
+        .map_err(|_| timed_out())?;
     let _ = writer.join();
-    let out = reader.join().unwrap_or_default();
     if !status.success() {
         let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
+        if let Some(e) = stderr.as_mut() {
             let _ = e.read_to_string(&mut err);
         }
         return Err(fail(format!("failed ({status}): {}", err.trim())));
     }
+    group.armed = false;
     Ok(out.lines().map(str::to_string).collect())
 }
 
@@ -205,16 +256,22 @@ pub fn score_rows(
     lines
         .iter()
         .enumerate()
-        .map(|(i, l)| {
-            l.trim().parse::<f64>().map_err(|_| {
-                LeashError::usage(
-                    format!(
-                        "{role} command `{cmd}`: row {} printed {l:?}, not a number",
-                        i + 1
-                    ),
-                    hint,
-                )
-            })
+        .map(|(i, l)| match l.trim().parse::<f64>() {
+            Ok(v) if v.is_finite() => Ok(v),
+            Ok(_) => Err(LeashError::usage(
+                format!(
+                    "{role} command `{cmd}`: row {} printed {l:?}, not a finite number",
+                    i + 1
+                ),
+                "a score must be a finite number: map failures to a low score (e.g. 0 or -1) instead of nan or inf",
+            )),
+            Err(_) => Err(LeashError::usage(
+                format!(
+                    "{role} command `{cmd}`: row {} printed {l:?}, not a number",
+                    i + 1
+                ),
+                hint,
+            )),
         })
         .collect()
 }
@@ -361,6 +418,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("timeout"));
+        let nan = Judge::Command {
+            cmd: "read l; echo 1; echo nan".into(),
+            timeout: t,
+        };
+        let err = nan.score(&items).unwrap_err().to_string();
+        assert!(
+            err.contains("judge command")
+                && err.contains("row 2")
+                && err.contains("not a finite number"),
+            "{err}"
+        );
         let pair = Judge::Command {
             cmd: "while read l; do echo a; done".into(),
             timeout: t,

@@ -291,8 +291,7 @@ pub fn save_adapter(dir: &Path, vars: &[(String, Var)], config: &AdapterConfig) 
         .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
         .collect();
     let path = dir.join("adapter_model.safetensors");
-    candle_core::safetensors::save(&tensors, &path)
-        .map_err(|e| LeashError::file(&path, format!("cannot write: {e}"), "check disk space"))?;
+    crate::files::save_safetensors(&tensors, &path)?;
     let cfg_path = dir.join("adapter_config.json");
     std::fs::write(
         &cfg_path,

@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::optimizer::AdamW;
+use super::resume_check::RunIdentity;
 use crate::error::{read_text, LeashError, Result};
 
 /// Files copied from the source model folder so the checkpoint loads on its own.
@@ -33,6 +34,9 @@ pub struct TrainerState {
     /// logps/chosen at the first logged step and whether the monitor already warned.
     pub monitor_start_logps: Option<f64>,
     pub monitor_warned: bool,
+    /// What a resume must match (absent in checkpoints of older versions).
+    #[serde(default)]
+    pub run: Option<RunIdentity>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> LeashError {
@@ -51,13 +55,7 @@ pub fn save_model(dir: &Path, source_model: &Path, vars: &[(String, Var)]) -> Re
         .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
         .collect();
     let path = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &path).map_err(|e| {
-        LeashError::file(
-            &path,
-            format!("cannot write weights: {e}"),
-            "check disk space",
-        )
-    })?;
+    crate::files::save_safetensors(&tensors, &path)?;
     let config_path = source_model.join("config.json");
     let mut config: serde_json::Value = serde_json::from_str(&read_text(&config_path)?)
         .map_err(|e| LeashError::file(&config_path, e.to_string(), "re-save the model"))?;
@@ -109,9 +107,7 @@ pub fn save_checkpoint(
         );
     }
     let opt_path = tmp.join("optimizer.safetensors");
-    candle_core::safetensors::save(&moments, &opt_path).map_err(|e| {
-        LeashError::file(&opt_path, format!("cannot write: {e}"), "check disk space")
-    })?;
+    crate::files::save_safetensors(&moments, &opt_path)?;
     let mut state_json = serde_json::to_value(state).unwrap_or_default();
     state_json["optimizer_step"] = opt.step.into();
     let state_path = tmp.join("trainer_state.json");
@@ -125,6 +121,21 @@ pub fn save_checkpoint(
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
     Ok(final_dir)
+}
+
+/// Reads `dir/trainer_state.json` only.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let state_path = dir.join("trainer_state.json");
+    let hint = "pass a checkpoint-N folder written by leash (it holds trainer_state.json)";
+    if !state_path.exists() {
+        return Err(LeashError::file(
+            dir,
+            "not a leash checkpoint: no trainer_state.json",
+            hint,
+        ));
+    }
+    serde_json::from_str(&read_text(&state_path)?)
+        .map_err(|e| LeashError::file(&state_path, e.to_string(), hint))
 }
 
 /// Restores weights, optimizer moments and trainer state from a checkpoint folder.

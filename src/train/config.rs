@@ -85,9 +85,10 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step. Default 1.
     #[arg(long)]
     pub gradient_accumulation_steps: Option<usize>,
-    /// Stop after this many optimizer steps (overrides --num-train-epochs). Default: off.
+    /// Stop after this many optimizer steps (overrides --num-train-epochs); -1 = no limit, as
+    /// TRL. Default -1.
     #[arg(long)]
-    pub max_steps: Option<usize>,
+    pub max_steps: Option<i64>,
     /// Passes over the training data. Default 3.
     #[arg(long)]
     pub num_train_epochs: Option<f64>,
@@ -109,13 +110,13 @@ pub struct TrainArgs {
     /// AdamW decoupled weight decay (never applied to norms and biases). Default 0.
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Default 0.9.
+    /// AdamW β1, the decay of the gradient's running mean. Default 0.9.
     #[arg(long)]
     pub adam_beta1: Option<f64>,
-    /// Default 0.999.
+    /// AdamW β2, the decay of the squared gradient's running mean. Default 0.999.
     #[arg(long)]
     pub adam_beta2: Option<f64>,
-    /// Default 1e-8.
+    /// AdamW ε, added to the denominator for numerical stability. Default 1e-8.
     #[arg(long)]
     pub adam_epsilon: Option<f64>,
     /// Seed for shuffling. Default 42.
@@ -133,6 +134,10 @@ pub struct TrainArgs {
     /// Save a checkpoint every N steps. Default 500.
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Keep only the newest N checkpoint-* folders, deleting older ones (TRL/transformers).
+    /// Default: keep all.
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
     /// KTO: loss weight of desirable (thumbs-up) rows. Default 1.
     #[arg(long)]
     pub desirable_weight: Option<f64>,
@@ -256,6 +261,7 @@ pub struct TrainConfig {
     pub logging_steps: usize,
     pub eval_steps: Option<usize>,
     pub save_steps: usize,
+    pub save_total_limit: Option<usize>,
     pub desirable_weight: f64,
     pub undesirable_weight: f64,
     pub precompute_ref_log_probs: bool,
@@ -315,6 +321,7 @@ fn defaults(method: Method) -> Value {
         "logging_steps": 10,
         "eval_steps": null,
         "save_steps": 500,
+        "save_total_limit": null,
         "desirable_weight": 1.0,
         "undesirable_weight": 1.0,
         "precompute_ref_log_probs": false,
@@ -381,6 +388,7 @@ pub fn resolve(method: Method, flags: &TrainArgs) -> Result<TrainConfig> {
         merged.extend(given(&read_toml(path)?));
     }
     merged.extend(given(flags));
+    resolve_max_steps(&mut merged)?;
     for key in ["model", "dataset", "output_dir"] {
         if !merged.contains_key(key) {
             return Err(LeashError::usage(
@@ -394,6 +402,25 @@ pub fn resolve(method: Method, flags: &TrainArgs) -> Result<TrainConfig> {
     })?;
     validate(&cfg)?;
     Ok(cfg)
+}
+
+/// TRL's `max_steps`: −1 (its default) means no limit, i.e. `num_train_epochs` decides; 0
+/// would train nothing and write the untouched model as the result, so it is refused.
+fn resolve_max_steps(merged: &mut Map<String, Value>) -> Result<()> {
+    let Some(v) = merged.get("max_steps").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    match v.as_i64() {
+        Some(-1) => {
+            merged.insert("max_steps".into(), Value::Null);
+            Ok(())
+        }
+        Some(n) if n >= 1 => Ok(()),
+        _ => Err(LeashError::usage(
+            format!("max_steps must be ≥ 1 or -1 (got {v})"),
+            "--max-steps 0 would train nothing; pass the number of optimizer steps, or -1 (the default) to train for --num-train-epochs",
+        )),
+    }
 }
 
 fn validate(cfg: &TrainConfig) -> Result<()> {
@@ -458,6 +485,12 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
         return bad(
             format!("unknown lr_scheduler_type `{}`", cfg.lr_scheduler_type),
             "valid: constant, linear, cosine",
+        );
+    }
+    if cfg.save_total_limit == Some(0) {
+        return bad(
+            "save_total_limit must be ≥ 1".into(),
+            "it is how many checkpoint-* folders to keep; leave it unset to keep all",
         );
     }
     if cfg.logging_steps == 0 || cfg.save_steps == 0 || cfg.eval_steps == Some(0) {
@@ -644,6 +677,30 @@ mod tests {
         std::fs::write(&path, "betta = 0.3\n").unwrap();
         let err = resolve(Method::Dpo, &a).unwrap_err().to_string();
         assert!(err.contains("unknown field `betta`"), "{err}");
+    }
+
+    #[test]
+    fn max_steps_minus_one_is_no_limit_and_zero_is_refused() {
+        let mut a = args();
+        a.max_steps = Some(-1);
+        assert_eq!(resolve(Method::Sft, &a).unwrap().max_steps, None);
+        a.max_steps = Some(7);
+        assert_eq!(resolve(Method::Sft, &a).unwrap().max_steps, Some(7));
+        for bad in [0, -2] {
+            a.max_steps = Some(bad);
+            let err = resolve(Method::Sft, &a).unwrap_err().to_string();
+            assert!(
+                err.contains("max_steps must be ≥ 1 or -1") && err.contains("hint:"),
+                "{err}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "max_steps = -1\nsave_total_limit = 2\n").unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        let cfg = resolve(Method::Sft, &a).unwrap();
+        assert_eq!((cfg.max_steps, cfg.save_total_limit), (None, Some(2)));
     }
 
     #[test]

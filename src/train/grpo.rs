@@ -12,19 +12,21 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{Map, Value};
 
-use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
+use super::checkpoint::save_checkpoint;
 use super::config::TrainConfig;
+use super::divergence::{stopped, DivergenceGuard};
 use super::grads::GradAccumulator;
 use super::metrics::{human_line, Accumulator, MetricsLog};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 use super::policy::{build_policy, save_weights, Policy};
 use super::schedule::{lr_factor, warmup_steps};
-use super::trainer::{check_output_dir, checkpoint_or_stop, install_ctrl_c, TrainSummary};
+use super::trainer::{
+    check_output_dir, checkpoint_or_stop, initial_state, install_ctrl_c, TrainSummary,
+};
 use crate::data::collate::{collate, Collated};
 use crate::data::encode::Sequence;
 use crate::data::pack::collate_packed;
@@ -324,29 +326,37 @@ fn stop_with_checkpoint(
     cfg: &TrainConfig,
     save: &dyn Fn() -> Result<std::path::PathBuf>,
 ) -> LeashError {
+    let interrupted = matches!(err, LeashError::Interrupted { .. });
     let (message, hint) = match err {
-        LeashError::Usage { message, hint } => (message, hint),
+        LeashError::Usage { message, hint } | LeashError::Interrupted { message, hint } => {
+            (message, hint)
+        }
         other => (other.to_string(), String::new()),
     };
-    match save() {
-        Ok(dir) => LeashError::Stopped {
-            message: format!("{message}\ncheckpoint saved: {}", dir.display()),
-            hint: format!(
+    let (message, hint) = match save() {
+        Ok(dir) => (
+            format!("{message}\ncheckpoint saved: {}", dir.display()),
+            format!(
                 "{hint}; then continue with --resume-from-checkpoint {} --output-dir {}",
                 dir.display(),
                 cfg.output_dir.display()
             ),
-        },
-        Err(e) => LeashError::Stopped {
-            message: format!("{message}\n(and saving a checkpoint failed too: {e})"),
+        ),
+        Err(e) => (
+            format!("{message}\n(and saving a checkpoint failed too: {e})"),
             hint,
-        },
+        ),
+    };
+    if interrupted {
+        LeashError::Interrupted { message, hint }
+    } else {
+        LeashError::Stopped { message, hint }
     }
 }
 
 /// Runs GRPO as configured. Progress and human lines go to stderr.
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
-    check_output_dir(cfg)?;
+    let mut progress = check_output_dir(cfg)?;
     install_ctrl_c();
     let device = Device::Cpu;
     let (base, tok) = load_model(&cfg.model, &device)?;
@@ -371,11 +381,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let reference = (cfg.beta > 0.0).then_some(reference);
     let g = cfg.num_generations;
     let per_gen = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps / g;
-    eprintln!(
+    progress.println(format!(
         "grpo: {} prompts, {per_gen} prompts × {g} generations per step, rewards: {}",
         rows.len(),
         rewards.names.join(", ")
-    );
+    ));
     let loss_opts = GrpoOptions {
         beta: cfg.beta,
         epsilon: cfg.epsilon,
@@ -394,21 +404,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             weight_decay: cfg.weight_decay,
         },
     );
-    let mut state = TrainerState {
-        global_step: 0,
-        total_tokens: 0,
-        seed: cfg.seed,
-        monitor_start_logps: None,
-        monitor_warned: false,
-    };
-    if let Some(dir) = &cfg.resume_from_checkpoint {
-        state = load_checkpoint(dir, &vars, &mut opt)?;
-        eprintln!(
-            "resumed from {} at step {}",
-            dir.display(),
-            state.global_step
-        );
-    }
+    let mut state = initial_state(cfg, &vars, &mut opt, &progress)?;
+    // Groups whose completions all score the same give exactly zero gradients.
+    let mut guard = DivergenceGuard::new(&vars, true)?;
     let mu = cfg.num_iterations;
     let gens_per_epoch = rows.len().div_ceil(per_gen);
     let total = cfg
@@ -418,11 +416,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let mut log = MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?;
     let mut acc = Accumulator::default();
     let mut last_loss = None;
-    let bar = ProgressBar::new(total as u64).with_position(state.global_step as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    progress.set_total(total as u64, state.global_step as u64);
     let models = Models {
         sampler: &frozen,
         reference: reference.as_ref(),
@@ -438,7 +432,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let r = match rollout(cfg, &models, &rows, &rewards, step / mu) {
                 Ok(r) => r,
                 Err(e) => {
-                    bar.abandon();
+                    progress.abandon();
                     let save =
                         || save_checkpoint(&cfg.output_dir, &save_final, &vars, &opt, &state);
                     return Err(stop_with_checkpoint(e, cfg, &save));
@@ -474,11 +468,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let loss = (out.loss * scale)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
-                bar.abandon();
-                return Err(LeashError::Stopped {
-                    message: format!("loss became {value} at step {} (nothing of this step was applied)", step + 1),
-                    hint: "the last checkpoint in the output folder is intact; lower --learning-rate, or keep --max-grad-norm on, and resume from it".into(),
-                });
+                progress.abandon();
+                return Err(stopped(
+                    &cfg.output_dir,
+                    step + 1,
+                    &format!("the loss became {value} (nothing of this step was applied)"),
+                    "lower --learning-rate, or keep --max-grad-norm on",
+                ));
             }
             step_loss += value;
             let store = crate::model::checkpoint::backward(&loss)?;
@@ -500,14 +496,20 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         }
         let mut grads = grads.finish(&vars)?;
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        guard
+            .check_grads(&cfg.output_dir, step + 1, grad_norm)
+            .inspect_err(|_| progress.abandon())?;
         let lr = cfg.learning_rate * lr_factor(&cfg.lr_scheduler_type, step, warmup, total);
         opt.step(&vars, &grads, lr)?;
+        guard
+            .check_weights(&vars, &cfg.output_dir, step + 1)
+            .inspect_err(|_| progress.abandon())?;
         state.global_step = step + 1;
         acc.add_one("loss", step_loss);
         acc.add_one("grad_norm", grad_norm);
         acc.add_one("time/sampling_s", sampling_s);
         acc.add_one("time/training_s", t1.elapsed().as_secs_f64());
-        bar.inc(1);
+        progress.inc(1);
 
         let done = state.global_step == total;
         if state.global_step.is_multiple_of(cfg.logging_steps) || done {
@@ -525,12 +527,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 record.insert("peak_rss_mib".into(), crate::runtime::peak_rss_mib().into());
             }
             last_loss = record.get("loss").and_then(Value::as_f64);
-            bar.println(human_line(&record));
+            progress.println(human_line(&record));
             log.write(&record)?;
         }
-        checkpoint_or_stop(cfg, &save_final, &vars, &opt, &state, done, &bar)?;
+        checkpoint_or_stop(cfg, &save_final, &vars, &opt, &state, done, &progress)?;
     }
-    bar.finish_and_clear();
+    progress.finish();
     save_final(&cfg.output_dir)?;
     Ok(TrainSummary {
         steps: state.global_step,

@@ -101,11 +101,21 @@ pub fn human_line(record: &Map<String, Value>) -> String {
 
 /// DPO's failure mode: the margin grows because the rejected log-prob falls faster than the
 /// chosen one — but the chosen log-prob falls too, so good answers get less likely.
+///
+/// Like is compared with like: `rewards/chosen` = β·(log π(y_c|x) − log π_ref(y_c|x)) is the
+/// change of the chosen log-prob on the *same rows* against the reference, so batches of
+/// longer or shorter answers do not move it (comparing `logps/chosen` of step 1's batch with a
+/// later batch's did, and fired on healthy runs). It is smoothed over the last
+/// [`MONITOR_WINDOW`] logged steps, and "clearly below" means more than one nat per sequence
+/// and more than 5 % of the reference's chosen log-prob.
 pub struct Monitor {
-    pub start_logps: Option<f64>,
+    beta: f64,
+    window: std::collections::VecDeque<(f64, f64, f64)>,
     pub warned: bool,
-    last_margin: Option<f64>,
 }
+
+/// Logged steps the monitor averages over.
+pub const MONITOR_WINDOW: usize = 3;
 
 pub const MONITOR_WARNING: &str = "chosen log-probs are falling while the reward margin grows: the policy is \
 winning the preference by making the rejected answers unlikely faster than the chosen ones, and the \
@@ -113,29 +123,37 @@ chosen (good) answers are getting less likely too. Remedies: add an NLL term on 
 a larger --beta (stronger leash), --loss-type ipo (bounded margin), or fewer steps.";
 
 impl Monitor {
-    pub fn new(start_logps: Option<f64>, warned: bool) -> Self {
+    pub fn new(beta: f64, warned: bool) -> Self {
         Monitor {
-            start_logps,
+            beta,
+            window: std::collections::VecDeque::new(),
             warned,
-            last_margin: None,
         }
     }
 
-    /// Returns the warning when it fires (once per run).
+    /// Feeds one logged step; returns the warning when it fires (once per run).
     pub fn check(
         &mut self,
-        logps_chosen: Option<f64>,
+        rewards_chosen: Option<f64>,
         margin: Option<f64>,
+        logps_chosen: Option<f64>,
     ) -> Option<&'static str> {
-        let (Some(lp), Some(margin)) = (logps_chosen, margin) else {
+        let (Some(rc), Some(margin), Some(lp)) = (rewards_chosen, margin, logps_chosen) else {
             return None;
         };
-        let start = *self.start_logps.get_or_insert(lp);
-        let growing = self.last_margin.is_none_or(|m| margin >= m) && margin > 0.0;
-        self.last_margin = Some(margin);
-        // "Clearly below": one nat per sequence and 5 % of the starting value.
-        let fallen = lp < start - (0.05 * start.abs()).max(1.0);
-        if fallen && growing && !self.warned {
+        if self.window.len() == MONITOR_WINDOW {
+            self.window.pop_front();
+        }
+        self.window.push_back((rc / self.beta, margin, lp));
+        if self.window.len() < 2 || self.warned {
+            return None;
+        }
+        let n = self.window.len() as f64;
+        let mean = |f: fn(&(f64, f64, f64)) -> f64| self.window.iter().map(f).sum::<f64>() / n;
+        let (change, margin, policy) = (mean(|w| w.0), mean(|w| w.1), mean(|w| w.2));
+        let reference = policy - change; // log π_ref(y_c|x) on the same rows
+        let fallen = change < -(0.05 * reference.abs()).max(1.0);
+        if fallen && margin > 0.0 {
             self.warned = true;
             return Some(MONITOR_WARNING);
         }
@@ -148,19 +166,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn monitor_fires_once_when_chosen_falls_and_margin_grows() {
-        let mut m = Monitor::new(None, false);
-        assert!(m.check(Some(-50.0), Some(0.0)).is_none());
-        assert!(m.check(Some(-50.5), Some(1.0)).is_none()); // not clearly below yet
-        assert!(m.check(Some(-49.0), Some(2.0)).is_none()); // chosen rising: healthy
-        assert!(m.check(Some(-55.0), Some(3.0)).is_some());
-        assert!(m.check(Some(-60.0), Some(4.0)).is_none()); // only once
+    fn monitor_compares_the_same_rows_and_fires_once() {
+        let mut m = Monitor::new(0.1, false);
+        // Batches of very different lengths: logps/chosen swings, rewards/chosen does not.
+        assert!(m.check(Some(0.01), Some(0.1), Some(-20.0)).is_none());
+        assert!(m.check(Some(0.02), Some(0.3), Some(-80.0)).is_none());
+        assert!(m.check(Some(0.01), Some(0.5), Some(-10.0)).is_none());
+        // Chosen falls 3 nats below the reference on its own rows (rewards/chosen −0.3 at
+        // β 0.1) over the window while the margin is positive.
+        assert!(m.check(Some(-0.5), Some(1.0), Some(-25.0)).is_none()); // mean −1.6 nats: not yet
+        assert!(m.check(Some(-0.5), Some(1.2), Some(-25.0)).is_some());
+        assert!(m.check(Some(-0.6), Some(1.4), Some(-26.0)).is_none()); // only once
     }
 
     #[test]
-    fn monitor_quiet_when_margin_shrinks() {
-        let mut m = Monitor::new(Some(-50.0), false);
-        assert!(m.check(Some(-50.0), Some(2.0)).is_none());
-        assert!(m.check(Some(-60.0), Some(1.0)).is_none());
+    fn monitor_quiet_without_a_margin_or_on_long_answers() {
+        let mut m = Monitor::new(0.1, false);
+        assert!(m.check(Some(-0.3), Some(-0.1), Some(-30.0)).is_none());
+        assert!(m.check(Some(-0.3), Some(-0.2), Some(-30.0)).is_none());
+        // 3 nats below a 200-nat reference is under 5 %: not clearly below.
+        let mut m = Monitor::new(0.1, false);
+        assert!(m.check(Some(-0.3), Some(1.0), Some(-203.0)).is_none());
+        assert!(m.check(Some(-0.3), Some(1.0), Some(-203.0)).is_none());
     }
 }

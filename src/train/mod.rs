@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod divergence;
 pub mod examples;
 pub mod grads;
 pub mod grpo;
@@ -9,6 +10,8 @@ pub mod metrics;
 pub mod optimizer;
 pub mod policy;
 pub mod reference;
+pub mod resume_check;
+pub mod run_dir;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

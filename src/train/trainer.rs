@@ -6,23 +6,26 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{Map, Value};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
 use super::config::{Method, TrainConfig};
+use super::divergence::DivergenceGuard;
 use super::examples::{prepare_with, Prepared, TrainExample};
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
 use super::optimizer::AdamW;
 use super::policy::{build_policy, save_weights, Policy};
 use super::reference::reference_cache;
+use super::resume_check::{check_resume, RunIdentity};
+use super::run_dir::{prepare_output_dir, prune_checkpoints, trim_metrics};
 use super::schedule::{lr_factor, warmup_steps};
 use super::step::{micro_batch, RefLogps, Reference, StepContext};
 use super::update::{adamw, optimizer_step, sft_token_count};
 use crate::error::{LeashError, Result};
 use crate::model::Decoder;
+use crate::progress::Progress;
 use crate::scoring::load_model;
 
 type RefCache = HashMap<usize, RefLogps>;
@@ -36,7 +39,7 @@ pub struct TrainSummary {
 
 pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-pub(crate) fn install_ctrl_c() {
+pub fn install_ctrl_c() {
     // Errors only if a handler is already installed (e.g. a second run in one process).
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
 }
@@ -50,16 +53,23 @@ pub(crate) fn checkpoint_or_stop(
     opt: &AdamW,
     state: &TrainerState,
     done: bool,
-    bar: &ProgressBar,
+    progress: &Progress,
 ) -> Result<()> {
     let interrupted = INTERRUPTED.load(Ordering::SeqCst);
     if state.global_step.is_multiple_of(cfg.save_steps) || done || interrupted {
         let dir = save_checkpoint(&cfg.output_dir, save, vars, opt, state)?;
-        bar.set_message(format!("saved {}", dir.display()));
+        progress.println(format!("saved checkpoint {}", dir.display()));
+        for old in prune_checkpoints(&cfg.output_dir, cfg.save_total_limit)? {
+            progress.println(format!(
+                "removed {} (save_total_limit {})",
+                old.display(),
+                cfg.save_total_limit.unwrap_or_default()
+            ));
+        }
     }
     if interrupted {
-        bar.abandon();
-        return Err(LeashError::Stopped {
+        progress.abandon();
+        return Err(LeashError::Interrupted {
             message: format!(
                 "interrupted at step {}; checkpoint saved",
                 state.global_step
@@ -101,21 +111,54 @@ pub fn steps_per_epoch(cfg: &TrainConfig, n: usize) -> usize {
         .div_ceil(cfg.gradient_accumulation_steps)
 }
 
-pub(crate) fn check_output_dir(cfg: &TrainConfig) -> Result<()> {
-    let dir = &cfg.output_dir;
-    let holds_run = dir.join("metrics.jsonl").exists() || dir.join("leash_config.json").exists();
-    if holds_run && !cfg.overwrite_output_dir && cfg.resume_from_checkpoint.is_none() {
-        return Err(LeashError::usage(
-            format!("output folder {} already holds a run", dir.display()),
-            "pass --overwrite-output-dir to replace it, --resume-from-checkpoint to continue it, or choose another --output-dir",
-        ));
+/// Refuses or clears the output folder (see [`super::run_dir`]) and opens the run's log
+/// (`train.log`, appended to on resume).
+pub(crate) fn check_output_dir(cfg: &TrainConfig) -> Result<Progress> {
+    prepare_output_dir(cfg)?;
+    Progress::new("train", "step", 0).log_to(
+        &cfg.output_dir.join("train.log"),
+        cfg.resume_from_checkpoint.is_some(),
+    )
+}
+
+/// The state a run starts from: fresh, or restored from `--resume-from-checkpoint` after
+/// checking the checkpoint belongs to a compatible run. Shared by the offline and GRPO loops.
+pub(crate) fn initial_state(
+    cfg: &TrainConfig,
+    vars: &[(String, candle_core::Var)],
+    opt: &mut AdamW,
+    progress: &Progress,
+) -> Result<TrainerState> {
+    let run = RunIdentity::of(cfg)?;
+    let Some(dir) = &cfg.resume_from_checkpoint else {
+        return Ok(TrainerState {
+            global_step: 0,
+            total_tokens: 0,
+            seed: cfg.seed,
+            monitor_start_logps: None,
+            monitor_warned: false,
+            run: Some(run),
+        });
+    };
+    let saved = super::checkpoint::read_state(dir)?;
+    for warning in check_resume(dir, saved.run.as_ref(), &run)? {
+        progress.println(warning);
     }
-    std::fs::create_dir_all(dir).map_err(|e| LeashError::io(dir, e, "check the path is writable"))
+    let mut state = load_checkpoint(dir, vars, opt)?;
+    state.run = Some(run);
+    // A resume into the folder that logged steps past the checkpoint logs them again.
+    trim_metrics(&cfg.output_dir, state.global_step)?;
+    progress.println(format!(
+        "resumed from {} at step {}",
+        dir.display(),
+        state.global_step
+    ));
+    Ok(state)
 }
 
 /// Runs training as configured. Progress and human lines go to stderr.
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
-    check_output_dir(cfg)?;
+    let mut progress = check_output_dir(cfg)?;
     install_ctrl_c();
     let device = Device::Cpu;
     let (base, tokenizer) = load_model(&cfg.model, &device)?;
@@ -141,10 +184,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         None => None,
     };
     if train_data.dropped > 0 {
-        eprintln!(
+        progress.println(format!(
             "note: dropped {} rows whose prompt is at least max_length ({}) tokens",
             train_data.dropped, cfg.max_length
-        );
+        ));
     }
     let config_path = cfg.output_dir.join("leash_config.json");
     std::fs::write(
@@ -162,12 +205,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         } else {
             0
         };
-    eprintln!(
+    progress.println(format!(
         "trainable params: {trainable} || all params: {all} || trainable%: {:.4}; {} training examples ({})",
         100.0 * trainable as f64 / all as f64,
         train_data.examples.len(),
         cfg.method.name(),
-    );
+    ));
     let Policy {
         model: policy,
         frozen,
@@ -207,21 +250,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     };
 
     let mut opt = adamw(cfg, &vars);
-    let mut state = TrainerState {
-        global_step: 0,
-        total_tokens: 0,
-        seed: cfg.seed,
-        monitor_start_logps: None,
-        monitor_warned: false,
-    };
-    if let Some(dir) = &cfg.resume_from_checkpoint {
-        state = load_checkpoint(dir, &vars, &mut opt)?;
-        eprintln!(
-            "resumed from {} at step {}",
-            dir.display(),
-            state.global_step
-        );
-    }
+    let mut state = initial_state(cfg, &vars, &mut opt, &progress)?;
     let n = train_data.examples.len();
     let per_epoch = steps_per_epoch(cfg, n);
     let total = cfg
@@ -229,15 +258,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         .unwrap_or_else(|| (cfg.num_train_epochs * per_epoch as f64).ceil() as usize);
     let warmup = warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
     let mut log = MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?;
-    let mut monitor = Monitor::new(state.monitor_start_logps, state.monitor_warned);
+    let mut monitor = Monitor::new(cfg.beta, state.monitor_warned);
+    // The hinge loss has exactly zero gradients once every margin is met.
+    let mut guard = DivergenceGuard::new(&vars, cfg.loss_type == "hinge")?;
     let mut acc = Accumulator::default();
     let (mut loss_sum, mut loss_steps) = (0.0f64, 0usize);
     let mut last_loss = None;
-    let bar = ProgressBar::new(total as u64).with_position(state.global_step as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    progress.set_total(total as u64, state.global_step as u64);
 
     for step in state.global_step..total {
         let batches = step_batches(cfg, n, step);
@@ -255,13 +282,22 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             .collect();
         let lr = cfg.learning_rate * lr_factor(&cfg.lr_scheduler_type, step, warmup, total);
         let outcome = optimizer_step(&ctx, &vars, &mut opt, &micro, lr, step, &mut acc)
-            .inspect_err(|_| bar.abandon())?;
+            .inspect_err(|_| progress.abandon())?;
         let (step_loss, grad_norm) = (outcome.loss, outcome.grad_norm);
         state.total_tokens += outcome.tokens;
+        let checked = guard
+            .check_grads(&cfg.output_dir, step + 1, grad_norm)
+            .inspect_err(|_| progress.abandon())?;
+        if let Some(warning) = checked {
+            progress.println(warning);
+        }
+        guard
+            .check_weights(&vars, &cfg.output_dir, step + 1)
+            .inspect_err(|_| progress.abandon())?;
         state.global_step = step + 1;
         loss_sum += step_loss;
         loss_steps += 1;
-        bar.inc(1);
+        progress.inc(1);
 
         let done = state.global_step == total;
         if state.global_step.is_multiple_of(cfg.logging_steps) || done {
@@ -286,14 +322,17 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             (loss_sum, loss_steps) = (0.0, 0);
             if cfg.method == Method::Dpo {
                 let get = |k: &str| record.get(k).and_then(Value::as_f64);
-                if let Some(warning) = monitor.check(get("logps/chosen"), get("rewards/margins")) {
-                    bar.println(format!("warning: {warning}"));
+                if let Some(warning) = monitor.check(
+                    get("rewards/chosen"),
+                    get("rewards/margins"),
+                    get("logps/chosen"),
+                ) {
+                    progress.println(format!("warning: {warning}"));
                     record.insert("warning".into(), "chosen_logps_falling".into());
                 }
-                state.monitor_start_logps = monitor.start_logps;
                 state.monitor_warned = monitor.warned;
             }
-            bar.println(human_line(&record));
+            progress.println(human_line(&record));
             log.write(&record)?;
         }
         if let Some(eval) = &eval_data {
@@ -310,13 +349,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                     tokenizer.pad_id,
                     state.global_step,
                 )?;
-                bar.println(human_line(&record));
+                progress.println(human_line(&record));
                 log.write(&record)?;
             }
         }
-        checkpoint_or_stop(cfg, &save, &vars, &opt, &state, done, &bar)?;
+        checkpoint_or_stop(cfg, &save, &vars, &opt, &state, done, &progress)?;
     }
-    bar.finish_and_clear();
+    progress.finish();
     save(&cfg.output_dir)?;
     Ok(TrainSummary {
         steps: state.global_step,

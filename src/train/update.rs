@@ -7,12 +7,13 @@
 use candle_core::Var;
 
 use super::config::TrainConfig;
+use super::divergence::stopped;
 use super::examples::{to_sequence, TrainExample};
 use super::grads::GradAccumulator;
 use super::metrics::Accumulator;
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 use super::step::{micro_batch, StepContext};
-use crate::error::{LeashError, Result};
+use crate::error::Result;
 use crate::model::checkpoint;
 
 /// What one optimizer step reports (its metrics go to the caller's [`Accumulator`]).
@@ -80,10 +81,12 @@ pub fn optimizer_step(
         let out = micro_batch(ctx, examples, scale, sft_tokens)?;
         let value = out.loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
-            return Err(LeashError::Stopped {
-                message: format!("loss became {value} at step {} (nothing of this step was applied)", step + 1),
-                hint: "the last checkpoint in the output folder is intact; lower --learning-rate or --beta, or keep --max-grad-norm on, and resume from it".into(),
-            });
+            return Err(stopped(
+                &cfg.output_dir,
+                step + 1,
+                &format!("the loss became {value} (nothing of this step was applied)"),
+                "lower --learning-rate or --beta, or keep --max-grad-norm on",
+            ));
         }
         loss += value;
         // Adds checkpointed layers' parameter gradients (the same as backward() without).
@@ -94,6 +97,14 @@ pub fn optimizer_step(
     }
     let mut grads = grads.finish(vars)?;
     let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+    if !grad_norm.is_finite() {
+        return Err(stopped(
+            &cfg.output_dir,
+            step + 1,
+            &format!("the gradient norm is {grad_norm} (nothing of this step was applied)"),
+            "lower --learning-rate (typical: 1e-6–1e-4 for fine-tuning) and keep --max-grad-norm on",
+        ));
+    }
     opt.step(vars, &grads, lr)?;
     Ok(StepOutcome {
         loss,
