@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use super::config::Method;
+use crate::data::dataset::read_rows;
 use crate::data::encode::{Encoded, Encoder, PromptCompletion, Sequence, Style};
-use crate::data::read::{read_jsonl, Example};
+use crate::data::read::Example;
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{LeashError, Result};
 
@@ -59,7 +60,19 @@ pub fn prepare(
     max_length: usize,
     batch_size: usize,
 ) -> Result<Prepared> {
-    let rows = read_jsonl(path)?;
+    prepare_split(method, path, None, tokenizer, max_length, batch_size)
+}
+
+/// [`prepare`] for one split of a dataset folder (`None`: its only split, or `train`).
+pub fn prepare_split(
+    method: Method,
+    path: &Path,
+    split: Option<&str>,
+    tokenizer: &TextTokenizer,
+    max_length: usize,
+    batch_size: usize,
+) -> Result<Prepared> {
+    let rows = read_rows(path, split)?;
     for row in &rows {
         let ok = matches!(
             (&row.example, method),

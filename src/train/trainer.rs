@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
 use super::config::{Method, TrainConfig};
-use super::examples::{prepare, to_sequence, Prepared, TrainExample};
+use super::examples::{prepare_split, to_sequence, Prepared, TrainExample};
 use super::grads::GradAccumulator;
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
@@ -55,6 +55,7 @@ pub(crate) fn checkpoint_or_stop(
     let interrupted = INTERRUPTED.load(Ordering::SeqCst);
     if state.global_step.is_multiple_of(cfg.save_steps) || done || interrupted {
         let dir = save_checkpoint(&cfg.output_dir, save, vars, opt, state)?;
+        crate::report::run_report::refresh(cfg, bar);
         bar.set_message(format!("saved {}", dir.display()));
     }
     if interrupted {
@@ -131,9 +132,27 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let device = Device::Cpu;
     let (base, tokenizer) = load_model(&cfg.model, &device)?;
     let bs = cfg.per_device_train_batch_size;
-    let train_data = prepare(cfg.method, &cfg.dataset, &tokenizer, cfg.max_length, bs)?;
+    let (train_split, test_split) = (
+        Some(&*cfg.dataset_train_split),
+        Some(&*cfg.dataset_test_split),
+    );
+    let train_data = prepare_split(
+        cfg.method,
+        &cfg.dataset,
+        train_split,
+        &tokenizer,
+        cfg.max_length,
+        bs,
+    )?;
     let eval_data = match &cfg.eval_dataset {
-        Some(path) => Some(prepare(cfg.method, path, &tokenizer, cfg.max_length, bs)?),
+        Some(path) => Some(prepare_split(
+            cfg.method,
+            path,
+            test_split,
+            &tokenizer,
+            cfg.max_length,
+            bs,
+        )?),
         None => None,
     };
     if train_data.dropped > 0 {
@@ -232,7 +251,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         .max_steps
         .unwrap_or_else(|| (cfg.num_train_epochs * per_epoch as f64).ceil() as usize);
     let warmup = warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
-    let mut log = MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?;
+    let mut log =
+        MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?.report_to(cfg)?;
     let mut monitor = Monitor::new(state.monitor_start_logps, state.monitor_warned);
     let mut acc = Accumulator::default();
     let (mut loss_sum, mut loss_steps) = (0.0f64, 0usize);
