@@ -32,7 +32,12 @@ fn register_font() -> std::result::Result<(), String> {
 /// number of decimals that resolves the axis span, scientific for very small or large values.
 pub fn tick_label(value: f64, span: f64, integral: bool) -> String {
     if integral {
-        return format!("{value:.0}");
+        // Steps are whole: a tick between two steps gets no label rather than a repeated one.
+        return if (value - value.round()).abs() < 1e-9 {
+            format!("{:.0}", value.round())
+        } else {
+            String::new()
+        };
     }
     let magnitude = value.abs().max(span.abs());
     if magnitude != 0.0 && !(1e-3..1e5).contains(&magnitude) {
@@ -107,6 +112,11 @@ pub fn line_plot(
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
+        .x_labels(if integral_x {
+            (x_span as usize + 1).clamp(2, 10)
+        } else {
+            10
+        })
         .x_label_formatter(&x_fmt)
         .y_label_formatter(&y_fmt)
         .label_style(("sans-serif", 14))
@@ -164,6 +174,7 @@ mod tests {
     #[test]
     fn tick_labels_read_as_numbers() {
         assert_eq!(tick_label(10.0, 40.0, true), "10");
+        assert_eq!(tick_label(2.5, 3.0, true), "");
         assert_eq!(tick_label(-0.25, 1.5, false), "-0.25");
         assert_eq!(tick_label(-0.0001, 0.5, false), "0.000");
         assert_eq!(tick_label(2e-6, 1e-6, false), "2.00e-6");
