@@ -411,7 +411,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let device = candle_core::Device::Cpu;
             let (decoder, tokenizer) = leash::scoring::load_model(&model, &device)?;
-            let rows = leash::data::read::read_jsonl(&dataset)?.len();
+            let rows = leash::data::dataset::read_rows(&dataset, None)?.len();
             let progress = leash::progress::Progress::new("logps", "row", rows as u64);
             let stdout = std::io::stdout();
             let mut out = stdout.lock();

@@ -8,8 +8,8 @@ use candle_core::Device;
 use serde_json::{json, Value};
 
 use crate::data::collate::collate;
+use crate::data::dataset::read_rows;
 use crate::data::encode::{Encoded, EncodedRow, Encoder, PromptCompletion, Sequence, Style};
-use crate::data::read::read_jsonl;
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{LeashError, Result};
 use crate::loss::logps::score;
@@ -62,7 +62,7 @@ pub fn score_dataset(
     max_length: Option<usize>,
     mut emit: impl FnMut(Value) -> Result<()>,
 ) -> Result<()> {
-    let rows = read_jsonl(dataset)?;
+    let rows = read_rows(dataset, None)?;
     let encoder = Encoder {
         tokenizer,
         style: Style::Trl,

@@ -14,6 +14,13 @@ fn small_demo_aligns_and_reports() {
     assert!(f("kl") > 0.0, "{r}");
     let md = std::fs::read_to_string(&summary.report_path).unwrap();
     assert!(md.contains("judge win rate"));
+    // What got worse is stated beside what got better, aspect by aspect.
+    assert!(md.contains("## What got better, what got worse"), "{md}");
+    assert!(
+        md.contains("**Better:**") && md.contains("**Worse:**"),
+        "{md}"
+    );
+    assert!(md.contains("| correct answers |"), "{md}");
     for png in [
         "sft_loss.png",
         "dpo_loss.png",

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::read::{read_jsonl, Content, Example};
+use super::dataset::read_rows;
+use super::read::{Content, Example};
 use crate::error::{read_text, LeashError, Result};
 
 fn chars(c: &Content) -> usize {
@@ -18,7 +19,7 @@ fn chars(c: &Content) -> usize {
 
 /// (line, chosen length, rejected length) of every preference row, in characters.
 fn pair_lengths(path: &Path) -> Result<Vec<(usize, usize, usize)>> {
-    let rows = read_jsonl(path)?;
+    let rows = read_rows(path, None)?;
     let mut out = Vec::new();
     for r in rows {
         match &r.example {

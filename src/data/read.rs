@@ -127,6 +127,26 @@ const KNOWN: &[&str] = &[
 
 /// Reads every non-blank line of a JSONL file.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for_each_jsonl(path, &mut |line_no, obj| {
+        rows.push(parse_row(path, line_no, obj)?);
+        Ok(())
+    })?;
+    if rows.is_empty() {
+        return Err(LeashError::file(
+            path,
+            "the data set has no rows",
+            "a JSONL data set needs at least one line",
+        ));
+    }
+    Ok(rows)
+}
+
+/// Calls `each` with (1-based line number, object) for every non-blank line of a JSONL file.
+pub(crate) fn for_each_jsonl(
+    path: &Path,
+    each: &mut dyn FnMut(usize, Map<String, Value>) -> Result<()>,
+) -> Result<()> {
     let bytes = std::fs::read(path)
         .map_err(|e| LeashError::io(path, e, "check the path exists and is readable"))?;
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -146,7 +166,6 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
             "save the file as UTF-8",
         )
     })?;
-    let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
         if line.trim().is_empty() {
@@ -168,19 +187,13 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
                 "each line must be an object such as {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}",
             ));
         };
-        rows.push(parse_row(path, line_no, obj)?);
+        each(line_no, obj)?;
     }
-    if rows.is_empty() {
-        return Err(LeashError::file(
-            path,
-            "the data set has no rows",
-            "a JSONL data set needs at least one line",
-        ));
-    }
-    Ok(rows)
+    Ok(())
 }
 
-fn parse_row(path: &Path, line: usize, obj: Map<String, Value>) -> Result<Row> {
+/// One row from its JSON object (a JSONL line, or a Parquet row converted to the same value).
+pub(crate) fn parse_row(path: &Path, line: usize, obj: Map<String, Value>) -> Result<Row> {
     let has = |k: &str| obj.contains_key(k);
     let content = |k: &str| content_field(path, line, &obj, k);
     let example = if has("chosen") || has("rejected") {

@@ -23,8 +23,9 @@ use serde_json::{json, Value};
 use super::generate::{generate, SamplingOptions};
 use super::judge::{Item, Judge};
 use crate::data::collate::collate;
+use crate::data::dataset::read_rows;
 use crate::data::encode::{Encoded, Encoder, Sequence, Style};
-use crate::data::read::{read_jsonl, Example};
+use crate::data::read::Example;
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{LeashError, Result};
 use crate::loss::logps::score;
@@ -70,7 +71,16 @@ pub fn load_policy(model: &Path, adapter: Option<&Path>) -> Result<(Decoder, Tex
 
 /// (prompt text, prompt ids) of every row that has a prompt.
 pub fn prompts(path: &Path, tok: &TextTokenizer) -> Result<Vec<(String, Vec<u32>)>> {
-    let rows = read_jsonl(path)?;
+    prompts_of_split(path, None, tok)
+}
+
+/// [`prompts`] of one split of a dataset folder.
+pub fn prompts_of_split(
+    path: &Path,
+    split: Option<&str>,
+    tok: &TextTokenizer,
+) -> Result<Vec<(String, Vec<u32>)>> {
+    let rows = read_rows(path, split)?;
     let enc = Encoder {
         tokenizer: tok,
         style: Style::Trl,
@@ -221,7 +231,7 @@ fn pair_metrics(
     reference: &Decoder,
     tok: &TextTokenizer,
 ) -> Result<Option<Value>> {
-    let has_pairs = read_jsonl(a.dataset)?
+    let has_pairs = read_rows(a.dataset, None)?
         .iter()
         .any(|r| matches!(r.example, Example::Pair { .. }));
     if !has_pairs {

@@ -354,12 +354,14 @@ impl Lab {
             &self.dir.join("length.png"),
             "mean completion length (tokens) on held-out prompts",
             "DPO step",
+            "tokens",
             &series(|v| v.tokens),
         );
         body += &plot(
             &self.dir.join("padded.png"),
             "share of padded completions on held-out prompts",
             "DPO step",
+            "share of completions",
             &series(|v| v.padded),
         );
         body += "\nEvery sample is in `samples-<model>.jsonl` beside this report.\n";

@@ -463,6 +463,7 @@ impl Lab {
             &self.dir.join("loss.png"),
             "DPO loss: full vs LoRA",
             "step",
+            "loss",
             &series,
         );
         Ok((verdict, ok, body))

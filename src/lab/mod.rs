@@ -115,8 +115,8 @@ fn first_metric(metrics: &Path, key: &str) -> Result<Option<f64>> {
         .find_map(|v| v.get(key)?.as_f64()))
 }
 
-fn plot(path: &Path, title: &str, x: &str, series: &[Series]) -> String {
-    match line_plot(path, title, x, series) {
+fn plot(path: &Path, title: &str, x: &str, y: &str, series: &[Series]) -> String {
+    match line_plot(path, title, x, y, series) {
         Ok(()) => format!(
             "![{title}]({})\n",
             path.file_name()
@@ -201,6 +201,7 @@ impl Lab {
             .matmul(&model.lm_head().t()?)?
             .to_vec2::<f32>()?;
         let mut by_hand = 0.0f64;
+        let mut per_token = Vec::new();
         let mut lines = String::from("| t | token | log p |\n|---|---|---|\n");
         for t in prompt.len()..full.len() {
             let row = &logits[t - 1];
@@ -213,6 +214,7 @@ impl Lab {
                     .ln();
             let lp = row[full[t] as usize] as f64 - lse;
             by_hand += lp;
+            per_token.push(((t - prompt.len() + 1) as f64, lp));
             let _ = writeln!(
                 lines,
                 "| {t} | {:?} | {lp:.5} |",
@@ -221,6 +223,33 @@ impl Lab {
         }
         let diff = (leash_lp - by_hand).abs();
         let ok = diff < 1e-4;
+        let body_plot = plot(
+            &self.dir.join("token_logps.png"),
+            "sequence log-prob = sum of per-token log-probs",
+            "completion token",
+            "log p (nats)",
+            &[
+                Series {
+                    name: "log p(token | prefix)".into(),
+                    points: per_token.clone(),
+                },
+                Series {
+                    name: "running sum".into(),
+                    points: per_token
+                        .iter()
+                        .scan(0.0, |acc, &(t, lp)| {
+                            *acc += lp;
+                            Some((t, *acc))
+                        })
+                        .collect(),
+                },
+                Series {
+                    name: "leash's sequence log-prob".into(),
+                    points: per_token.iter().map(|&(t, _)| (t, leash_lp)).collect(),
+                },
+            ],
+        );
+        lines += &format!("\n{body_plot}");
         let verdict = format!("leash's sequence log-prob {leash_lp:.5} equals the hand computation {by_hand:.5} (|Δ| = {diff:.1e}) — {}", if ok { "reproduced" } else { "MISMATCH" });
         Ok((verdict, ok, format!("Completion \" Sure! 3 + 4 = 7.\" after \"Q: what is 3 + 4?\": the sum over completion tokens of log p(token | prefix), token t scored by the logits at t−1.\n\n{lines}")))
     }
@@ -312,8 +341,34 @@ impl Lab {
             mean(&after, p) - mean(&before, p),
         );
         let ok = dc > 0.0 && dr < 0.0 && rel < 5e-2;
+        // The picture of the lesson: mean chosen and rejected log-probs along the line
+        // θ − t·∇L/|∇L|, from a step against the gradient to several steps along it.
+        let (mut chosen_line, mut rejected_line) = (Vec::new(), Vec::new());
+        for t in [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0] {
+            shift(-t * 1e-3 / norm2.sqrt())?;
+            let lp = loss_at(&policy)?.1;
+            chosen_line.push((t, mean(&lp, 0)));
+            rejected_line.push((t, mean(&lp, p)));
+        }
+        shift(0.0)?;
+        let body_plot = plot(
+            &self.dir.join("logps_vs_step.png"),
+            "DPO: log-probs along the gradient step",
+            "step length along −∇L (×1e-3)",
+            "mean sequence log p (nats)",
+            &[
+                Series {
+                    name: "chosen".into(),
+                    points: chosen_line,
+                },
+                Series {
+                    name: "rejected".into(),
+                    points: rejected_line,
+                },
+            ],
+        );
         let verdict = format!("one DPO gradient step moved chosen log-probs by {dc:+.3} and rejected by {dr:+.3}; analytic vs finite-difference directional derivative differ by {:.1} % — {}", rel * 100.0, if ok { "reproduced" } else { "NOT reproduced" });
-        Ok((verdict, ok, format!("8 pairs from the training set; step of length 1e-3 along −∇L; finite difference in f32 with ε·|∇L| = 1e-3.\n\n| | mean before | mean after |\n|---|---|---|\n| chosen log-prob | {:.3} | {:.3} |\n| rejected log-prob | {:.3} | {:.3} |\n", mean(&before, 0), mean(&after, 0), mean(&before, p), mean(&after, p))))
+        Ok((verdict, ok, format!("8 pairs from the training set; step of length 1e-3 along −∇L; finite difference in f32 with ε·|∇L| = 1e-3.\n\n| | mean before | mean after |\n|---|---|---|\n| chosen log-prob | {:.3} | {:.3} |\n| rejected log-prob | {:.3} | {:.3} |\n\n{body_plot}", mean(&before, 0), mean(&after, 0), mean(&before, p), mean(&after, p))))
     }
 
     /// Train DPO far too long: the rejected log-prob plummets, the chosen one falls too, the
@@ -348,12 +403,14 @@ impl Lab {
             &self.dir.join("logps.png"),
             "overtrained DPO: sequence log-probs",
             "step",
+            "log p (nats)",
             &metric_series(&m, &["logps/chosen", "logps/rejected"])?,
         );
         body += &plot(
             &self.dir.join("margins.png"),
             "overtrained DPO: reward margin",
             "step",
+            "reward margin",
             &metric_series(&m, &["rewards/margins"])?,
         );
         Ok((verdict, ok, body))
@@ -405,6 +462,7 @@ impl Lab {
             &self.dir.join("kl_vs_beta.png"),
             "KL(π‖π_ref) vs ln β",
             "ln β",
+            "KL (nats)",
             &[Series {
                 name: "KL".into(),
                 points: kl,
@@ -414,6 +472,7 @@ impl Lab {
             &self.dir.join("judge_vs_beta.png"),
             "judge score vs ln β",
             "ln β",
+            "judge score",
             &[Series {
                 name: "judge".into(),
                 points: judge,
@@ -450,6 +509,7 @@ impl Lab {
             &self.dir.join("margins.png"),
             "reward margin: DPO vs IPO (β = 0.1)",
             "step",
+            "reward margin",
             &series,
         );
         Ok((verdict, ok, body))
@@ -510,6 +570,7 @@ impl Lab {
             &self.dir.join("grpo_reward.png"),
             "GRPO mean reward (arithmetic judge)",
             "step",
+            "mean reward",
             &metric_series(&grpo.join("metrics.jsonl"), &["reward"])?,
         );
         Ok((verdict, ok, body))
@@ -551,6 +612,7 @@ impl Lab {
             &self.dir.join("rewards.png"),
             "KTO implicit rewards",
             "step",
+            "reward (nats × β)",
             &metric_series(
                 &out.join("metrics.jsonl"),
                 &["rewards/chosen", "rewards/rejected", "kl"],

@@ -43,12 +43,23 @@ pub struct TrainArgs {
     /// Hugging Face checkpoint folder to start from (and, for DPO/IPO/KTO, the frozen reference).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Training data (JSONL).
+    /// Training data: a .jsonl or .parquet file, a folder of shards, or a Hugging Face dataset
+    /// folder (data/<split>-00000-of-0000N.parquet or <split>/*.parquet).
     #[arg(long)]
     pub dataset: Option<PathBuf>,
-    /// Held-out data evaluated every --eval-steps and at the end (metrics prefixed `eval_`).
+    /// Held-out data evaluated every --eval-steps and at the end (metrics prefixed `eval_`);
+    /// same forms as --dataset (a dataset folder gives its --dataset-test-split).
     #[arg(long)]
     pub eval_dataset: Option<PathBuf>,
+    /// Split of a dataset folder to train on. Default train.
+    #[arg(long)]
+    pub dataset_train_split: Option<String>,
+    /// Split of an --eval-dataset folder to evaluate on. Default test.
+    #[arg(long)]
+    pub dataset_test_split: Option<String>,
+    /// Where else to log metrics: none, or tensorboard (event files in <output-dir>/runs). Default none.
+    #[arg(long)]
+    pub report_to: Option<String>,
     /// Folder for metrics.jsonl, checkpoints and the final model.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
@@ -234,6 +245,13 @@ pub struct TrainConfig {
     pub model: PathBuf,
     pub dataset: PathBuf,
     pub eval_dataset: Option<PathBuf>,
+    // Defaults so a leash_config.json written before these options existed still reads.
+    #[serde(default = "default_train_split")]
+    pub dataset_train_split: String,
+    #[serde(default = "default_test_split")]
+    pub dataset_test_split: String,
+    #[serde(default = "default_report_to")]
+    pub report_to: String,
     pub output_dir: PathBuf,
     pub overwrite_output_dir: bool,
     pub resume_from_checkpoint: Option<PathBuf>,
@@ -290,6 +308,21 @@ pub struct TrainConfig {
     pub reward_weights: Option<Vec<f64>>,
     pub reward_timeout: u64,
 }
+
+fn default_train_split() -> String {
+    "train".into()
+}
+
+fn default_test_split() -> String {
+    "test".into()
+}
+
+fn default_report_to() -> String {
+    "none".into()
+}
+
+/// `--report-to` values (TRL's names).
+pub const REPORT_TO: &[&str] = &["none", "tensorboard"];
 
 fn defaults(method: Method) -> Value {
     let mut base = serde_json::json!({
@@ -351,8 +384,15 @@ fn defaults(method: Method) -> Value {
         "reward_weights": null,
         "reward_timeout": 300,
     });
-    if let (Value::Object(m), Value::Object(g)) = (&mut base, grpo) {
-        m.extend(g);
+    let io = serde_json::json!({
+        "dataset_train_split": default_train_split(),
+        "dataset_test_split": default_test_split(),
+        "report_to": default_report_to(),
+    });
+    for extra in [grpo, io] {
+        if let (Value::Object(m), Value::Object(g)) = (&mut base, extra) {
+            m.extend(g);
+        }
     }
     base
 }
@@ -443,6 +483,12 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
                 cfg.method.name()
             ),
             "drop --assistant-only-loss (preference methods already score only the completions)",
+        );
+    }
+    if !REPORT_TO.contains(&cfg.report_to.as_str()) {
+        return bad(
+            format!("unknown report_to `{}`", cfg.report_to),
+            "valid: none, tensorboard",
         );
     }
     if !(0.0..0.5).contains(&cfg.label_smoothing) {

@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use super::config::Method;
+use crate::data::dataset::read_rows;
 use crate::data::encode::{Encoded, Encoder, PromptCompletion, Sequence, Style};
-use crate::data::read::{read_jsonl, Example};
+use crate::data::read::Example;
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{LeashError, Result};
 
@@ -59,7 +60,7 @@ pub fn prepare(
     max_length: usize,
     batch_size: usize,
 ) -> Result<Prepared> {
-    prepare_with(method, path, tokenizer, max_length, batch_size, false)
+    prepare_with(method, path, None, tokenizer, max_length, batch_size, false)
 }
 
 /// Whether a truncated SFT example keeps a token in the loss (TRL drops fully masked rows).
@@ -68,16 +69,18 @@ fn sft_keeps_a_token(pc: &PromptCompletion, max_length: usize) -> bool {
     pc.prompt.len() < max_length && (pc.prompt.len().max(1)..end).any(|p| pc.in_loss(p))
 }
 
-/// As [`prepare`], with SFT's `assistant_only_loss`.
+/// As [`prepare`], for one split of a dataset folder (`None`: its only split, or `train`),
+/// with SFT's `assistant_only_loss`.
 pub fn prepare_with(
     method: Method,
     path: &Path,
+    split: Option<&str>,
     tokenizer: &TextTokenizer,
     max_length: usize,
     batch_size: usize,
     assistant_only_loss: bool,
 ) -> Result<Prepared> {
-    let rows = read_jsonl(path)?;
+    let rows = read_rows(path, split)?;
     for row in &rows {
         let ok = matches!(
             (&row.example, method),

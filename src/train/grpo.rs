@@ -28,11 +28,12 @@ use super::trainer::{
     check_output_dir, checkpoint_or_stop, initial_state, install_ctrl_c, TrainSummary,
 };
 use crate::data::collate::{collate, Collated};
+use crate::data::dataset::read_objects;
 use crate::data::encode::Sequence;
 use crate::data::pack::collate_packed;
 use crate::data::tokenizer::TextTokenizer;
-use crate::error::{read_text, LeashError, Result};
-use crate::eval::evaluate::{eos_ids, prompts};
+use crate::error::{LeashError, Result};
+use crate::eval::evaluate::{eos_ids, prompts_of_split};
 use crate::eval::generate::{generate, SamplingOptions};
 use crate::eval::judge::{builtin_score, score_rows, Item};
 use crate::loss::grpo::{
@@ -50,17 +51,15 @@ pub struct PromptRow {
 }
 
 /// Every row's prompt plus its JSON columns, in file order.
-pub fn load_prompts(path: &std::path::Path, tok: &TextTokenizer) -> Result<Vec<PromptRow>> {
-    let listed = prompts(path, tok)?;
-    // `prompts` already validated every non-blank line as a JSON object with a prompt.
-    let columns = read_text(path)?
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| match serde_json::from_str(l) {
-            Ok(Value::Object(m)) => m,
-            _ => Map::new(),
-        })
-        .collect::<Vec<_>>();
+pub fn load_prompts(
+    path: &std::path::Path,
+    split: Option<&str>,
+    tok: &TextTokenizer,
+) -> Result<Vec<PromptRow>> {
+    let listed = prompts_of_split(path, split, tok)?;
+    // `prompts` already validated every row as an object with a prompt; these are the same
+    // rows' columns as stored (JSONL objects, or Parquet rows converted to them).
+    let columns = read_objects(path, split)?;
     Ok(listed
         .into_iter()
         .zip(columns)
@@ -360,7 +359,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     install_ctrl_c();
     let device = Device::Cpu;
     let (base, tok) = load_model(&cfg.model, &device)?;
-    let rows = load_prompts(&cfg.dataset, &tok)?;
+    let rows = load_prompts(&cfg.dataset, Some(&cfg.dataset_train_split), &tok)?;
     let rewards = Rewards::from_config(cfg);
     let config_path = cfg.output_dir.join("leash_config.json");
     std::fs::write(
@@ -413,7 +412,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         .max_steps
         .unwrap_or_else(|| (cfg.num_train_epochs * gens_per_epoch as f64).ceil() as usize * mu);
     let warmup = warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
-    let mut log = MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?;
+    let mut log =
+        MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?.report_to(cfg)?;
     let mut acc = Accumulator::default();
     let mut last_loss = None;
     progress.set_total(total as u64, state.global_step as u64);

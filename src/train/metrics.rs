@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use super::config::TrainConfig;
 use super::step::Metrics;
 use crate::error::{LeashError, Result};
+use crate::report::tensorboard::EventWriter;
 
 /// Sums and counts of each metric since the last log.
 #[derive(Default)]
@@ -43,10 +45,12 @@ impl Accumulator {
     }
 }
 
-/// Appends JSON lines to `output_dir/metrics.jsonl`.
+/// Appends JSON lines to `output_dir/metrics.jsonl` (and, with `--report-to tensorboard`,
+/// the same numbers to an event file).
 pub struct MetricsLog {
     path: PathBuf,
     file: std::fs::File,
+    tensorboard: Option<EventWriter>,
 }
 
 impl MetricsLog {
@@ -59,13 +63,40 @@ impl MetricsLog {
             .truncate(!append)
             .open(&path)
             .map_err(|e| LeashError::io(&path, e, "check the output folder is writable"))?;
-        Ok(MetricsLog { path, file })
+        Ok(MetricsLog {
+            path,
+            file,
+            tensorboard: None,
+        })
+    }
+
+    /// Also writes to the places `cfg.report_to` names: TensorBoard event files under
+    /// `output_dir/runs` (transformers' default logging_dir), starting with the config as text.
+    pub fn report_to(mut self, cfg: &TrainConfig) -> Result<Self> {
+        if cfg.report_to == "tensorboard" {
+            let mut w = EventWriter::create(&cfg.output_dir.join("runs"))?;
+            let config = serde_json::to_string_pretty(cfg).unwrap_or_default();
+            // Indented four spaces: TensorBoard renders text as Markdown, this keeps it a code block.
+            w.text(
+                "args",
+                &config
+                    .lines()
+                    .map(|l| format!("    {l}\n"))
+                    .collect::<String>(),
+            )?;
+            self.tensorboard = Some(w);
+        }
+        Ok(self)
     }
 
     pub fn write(&mut self, record: &Map<String, Value>) -> Result<()> {
         writeln!(self.file, "{}", Value::Object(record.clone()))
             .and_then(|_| self.file.flush())
-            .map_err(|e| LeashError::io(&self.path, e, "check disk space"))
+            .map_err(|e| LeashError::io(&self.path, e, "check disk space"))?;
+        match &mut self.tensorboard {
+            Some(w) => w.log_record(record),
+            None => Ok(()),
+        }
     }
 }
 

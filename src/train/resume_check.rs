@@ -22,7 +22,8 @@ pub struct RunIdentity {
     /// moved or copied model matches, another model (or a re-saved one) does not.
     pub model_fingerprint: String,
     pub dataset: PathBuf,
-    /// FNV-1a of the data set's bytes.
+    /// FNV-1a of the bytes of the data set's files (a folder's shards of the training split,
+    /// in reading order).
     pub dataset_fingerprint: String,
     pub per_device_train_batch_size: usize,
     pub gradient_accumulation_steps: usize,
@@ -65,6 +66,14 @@ fn model_fingerprint(dir: &Path) -> Result<String> {
     Ok(format!("{h:016x}"))
 }
 
+fn dataset_fingerprint(path: &Path, split: &str) -> Result<String> {
+    let mut h = FNV_OFFSET;
+    for file in crate::data::dataset::files(path, Some(split))? {
+        h = fnv1a(&read(&file)?, h);
+    }
+    Ok(format!("{h:016x}"))
+}
+
 impl RunIdentity {
     pub fn of(cfg: &TrainConfig) -> Result<Self> {
         Ok(RunIdentity {
@@ -72,7 +81,7 @@ impl RunIdentity {
             model: cfg.model.clone(),
             model_fingerprint: model_fingerprint(&cfg.model)?,
             dataset: cfg.dataset.clone(),
-            dataset_fingerprint: format!("{:016x}", fnv1a(&read(&cfg.dataset)?, FNV_OFFSET)),
+            dataset_fingerprint: dataset_fingerprint(&cfg.dataset, &cfg.dataset_train_split)?,
             per_device_train_batch_size: cfg.per_device_train_batch_size,
             gradient_accumulation_steps: cfg.gradient_accumulation_steps,
             use_peft: cfg.use_peft,

@@ -58,6 +58,7 @@ pub(crate) fn checkpoint_or_stop(
     let interrupted = INTERRUPTED.load(Ordering::SeqCst);
     if state.global_step.is_multiple_of(cfg.save_steps) || done || interrupted {
         let dir = save_checkpoint(&cfg.output_dir, save, vars, opt, state)?;
+        crate::report::run_report::refresh(cfg, progress);
         progress.println(format!("saved checkpoint {}", dir.display()));
         for old in prune_checkpoints(&cfg.output_dir, cfg.save_total_limit)? {
             progress.println(format!(
@@ -167,6 +168,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let train_data = prepare_with(
         cfg.method,
         &cfg.dataset,
+        Some(&*cfg.dataset_train_split),
         &tokenizer,
         cfg.max_length,
         bs,
@@ -176,6 +178,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         Some(path) => Some(prepare_with(
             cfg.method,
             path,
+            Some(&*cfg.dataset_test_split),
             &tokenizer,
             cfg.max_length,
             bs,
@@ -257,7 +260,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         .max_steps
         .unwrap_or_else(|| (cfg.num_train_epochs * per_epoch as f64).ceil() as usize);
     let warmup = warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
-    let mut log = MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?;
+    let mut log =
+        MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?.report_to(cfg)?;
     let mut monitor = Monitor::new(cfg.beta, state.monitor_warned);
     // The hinge loss has exactly zero gradients once every margin is met.
     let mut guard = DivergenceGuard::new(&vars, cfg.loss_type == "hinge")?;
