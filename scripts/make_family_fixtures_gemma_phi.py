@@ -181,7 +181,15 @@ def dpo_trajectory(model_dir: Path, data: Path, out: Path) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(
-            output_dir=tmp, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, **settings
+            output_dir=tmp,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            # TRL 1.16 defaults to bf16=True, which on the CPU autocasts the matmuls to bfloat16;
+            # the goldens are float32 throughout.
+            bf16=False,
+            **settings,
         )
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
         trainer.train()

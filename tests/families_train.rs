@@ -186,13 +186,24 @@ fn cached_generation_equals_recompute() {
 /// settings and tolerances of tests/train_golden.rs.
 #[test]
 fn qwen3_dpo_matches_trl() {
+    dpo_matches_trl("tiny-qwen3");
+}
+
+/// The same on tiny-gemma3, whose sliding-window layers see a window (12) shorter than most
+/// rows (scripts/make_family_fixtures_gemma_phi.py --dpo-trajectory; eager attention).
+#[test]
+fn gemma3_dpo_matches_trl() {
+    dpo_matches_trl("tiny-gemma3");
+}
+
+fn dpo_matches_trl(name: &str) {
     use leash::train::config::{resolve, Method, TrainArgs};
     const STEP1_REL: f64 = 1e-5;
     const TRAJ_REL_PER_STEP: f64 = 5e-5;
     const REL_FLOOR: f64 = 1e-2;
     let dir = tempfile::tempdir().unwrap();
     let args = TrainArgs {
-        model: Some(fixture("tiny-qwen3")),
+        model: Some(fixture(name)),
         dataset: Some(fixture("tiny-llama/pref_train.jsonl")),
         output_dir: Some(dir.path().to_path_buf()),
         max_steps: Some(30),
@@ -208,7 +219,7 @@ fn qwen3_dpo_matches_trl() {
     };
     leash::train::trainer::train(&resolve(Method::Dpo, &args).unwrap()).unwrap();
     let mine = metrics(dir.path());
-    let text = std::fs::read_to_string(fixture("tiny-qwen3/golden_dpo.json")).unwrap();
+    let text = std::fs::read_to_string(fixture(name).join("golden_dpo.json")).unwrap();
     let gold: Value = serde_json::from_str(&text).unwrap();
     let steps = gold["steps"].as_array().unwrap();
     assert_eq!(mine.len(), steps.len());
@@ -233,12 +244,12 @@ fn qwen3_dpo_matches_trl() {
             worst = worst.max((mv - gv).abs() / tol);
             assert!(
                 (mv - gv).abs() <= tol,
-                "qwen3 dpo step {step} {key}: {mv} vs TRL {gv} (tol {tol:e})"
+                "{name} dpo step {step} {key}: {mv} vs TRL {gv} (tol {tol:e})"
             );
         }
     }
     eprintln!(
-        "qwen3 dpo vs TRL: worst {:.0}% of the tolerance",
+        "{name} dpo vs TRL: worst {:.0}% of the tolerance",
         worst * 100.0
     );
 }
