@@ -1,9 +1,11 @@
 //! Gradient checkpointing (`--gradient-checkpointing`) is exact: on every model family, for
 //! full fine-tuning and for LoRA (with dropout, whose masks the rerun must replay), the
 //! gradients of a weighted sum of sequence log-probs equal those with checkpointing off, and
-//! every trainable tensor gets one. Reference: the same computation without checkpointing
-//! (itself checked against finite differences in tests/gradients.rs); and a one-step DPO run
-//! with and without the flag logs the same metrics.
+//! every trainable tensor gets one; with the flag on, backward reruns every decoder layer (a
+//! family that ignored the flag would give the same gradients, so this is counted too).
+//! Reference: the same computation without checkpointing (itself checked against finite
+//! differences in tests/gradients.rs); and a one-step DPO run with and without the flag logs
+//! the same metrics.
 
 mod common;
 use candle_core::{Device, Tensor, Var};
@@ -16,13 +18,54 @@ use leash::model::linear::dropout_tape;
 use leash::model::lora::{init_adapters, select_targets, TargetModules};
 use leash::model::Decoder;
 
-const FAMILIES: [&str; 5] = [
+const FAMILIES: [&str; 7] = [
     "tiny-llama",
     "tiny-qwen2",
     "tiny-qwen3",
     "tiny-gpt2",
     "tiny-gpt2-untied",
+    "tiny-gemma3",
+    "tiny-phi3",
 ];
+
+/// Decoder layers of each fixture (its config.json) and the linear modules of one layer, by
+/// the checkpoint's tensor names: what `all-linear` must target (PEFT: every linear layer but
+/// the output head).
+fn layers_and_linears(family: &str) -> (usize, Vec<String>) {
+    let llama = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+    ]
+    .into_iter()
+    .chain(["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]);
+    let (n, prefix, names): (usize, &str, Vec<&str>) = match family {
+        "tiny-llama" | "tiny-qwen2" | "tiny-qwen3" => (2, "model.layers", llama.collect()),
+        "tiny-gemma3" => (4, "model.layers", llama.collect()),
+        "tiny-gpt2" | "tiny-gpt2-untied" => (
+            2,
+            "transformer.h",
+            vec!["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+        ),
+        "tiny-phi3" => (
+            2,
+            "model.layers",
+            vec![
+                "self_attn.qkv_proj",
+                "self_attn.o_proj",
+                "mlp.gate_up_proj",
+                "mlp.down_proj",
+            ],
+        ),
+        other => panic!("no layer table for {other}"),
+    };
+    let mut paths: Vec<String> = (0..n)
+        .flat_map(|l| names.iter().map(move |m| format!("{prefix}.{l}.{m}")))
+        .collect();
+    paths.sort();
+    (n, paths)
+}
 
 fn batch() -> leash::data::collate::Collated {
     let seqs = [
@@ -34,8 +77,10 @@ fn batch() -> leash::data::collate::Collated {
             ids: vec![1, 50, 60, 70, 80, 2],
             loss_start: 2,
         },
+        // 15 tokens: longer than the sliding windows of tiny-gemma3 (12) and tiny-phi3 (10),
+        // so their windowed masks differ from the causal one.
         Sequence {
-            ids: vec![1, 9, 8, 7, 6, 5, 4, 3, 30, 31, 2],
+            ids: vec![1, 9, 8, 7, 6, 5, 4, 3, 30, 31, 32, 33, 34, 35, 2],
             loss_start: 6,
         },
     ];
@@ -82,8 +127,15 @@ fn full_fine_tuning_gradients_are_unchanged() {
         let base = Decoder::load(&fixture(family), &Device::Cpu).unwrap();
         let (mut model, vars) = base.to_trainable().unwrap();
         let off = grads(&model, &vars);
+        assert_eq!(checkpoint::last_backward_reruns(), 0, "{family}: flag off");
         model.set_gradient_checkpointing(true);
         let on = grads(&model, &vars);
+        let (layers, _) = layers_and_linears(family);
+        assert_eq!(
+            checkpoint::last_backward_reruns(),
+            layers,
+            "{family}: layers rerun"
+        );
         assert_same(&off, &on, &vars, family);
     }
 }
@@ -96,6 +148,10 @@ fn lora_gradients_with_dropout_are_unchanged() {
         let base = Decoder::load(&fixture(family), &Device::Cpu).unwrap();
         let modules = base.linear_modules().to_vec();
         let targets = select_targets(&modules, &TargetModules::from_cli("all-linear")).unwrap();
+        let mut picked: Vec<String> = targets.iter().map(|m| m.path.clone()).collect();
+        picked.sort();
+        let (layers, linears) = layers_and_linears(family);
+        assert_eq!(picked, linears, "{family}: all-linear targets");
         let (vars, adapters) = init_adapters(&targets, 4, 8.0, 0.1, 7, &Device::Cpu).unwrap();
         for (name, v) in &vars {
             if name.contains("lora_B") {
@@ -108,6 +164,11 @@ fn lora_gradients_with_dropout_are_unchanged() {
         assert!(!masks.is_empty(), "{family}: dropout drew no mask");
         model.set_gradient_checkpointing(true);
         let on = dropout_tape::replay(&masks, || Ok(grads(&model, &vars))).unwrap();
+        assert_eq!(
+            checkpoint::last_backward_reruns(),
+            layers,
+            "{family}: layers rerun"
+        );
         assert_same(&off, &on, &vars, family);
         let lp = score(&model, &batch())
             .unwrap()

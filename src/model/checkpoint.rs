@@ -15,7 +15,7 @@
 //! Tests: tests/gradient_checkpointing.rs (every family, full and LoRA, against checkpointing
 //! off).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
@@ -29,11 +29,21 @@ pub type LayerFn = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + S
 thread_local! {
     /// Parameter gradients of reruns during the current backward on this thread.
     static PENDING: RefCell<Vec<(Tensor, Tensor)>> = const { RefCell::new(Vec::new()) };
+    /// Layers rerun by the latest [`backward`] on this thread.
+    static RERUNS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many checkpointed layers the latest [`backward`] on this thread reran: the number of
+/// decoder layers with checkpointing on, 0 with it off. Lets a test tell a family that honours
+/// the flag from one that silently ignores it (both give the same gradients).
+pub fn last_backward_reruns() -> usize {
+    RERUNS.with(Cell::get)
 }
 
 /// `loss.backward()`, plus the parameter gradients of checkpointed layers.
 pub fn backward(loss: &Tensor) -> candle_core::Result<GradStore> {
     PENDING.with(|p| p.borrow_mut().clear());
+    RERUNS.with(|r| r.set(0));
     let mut store = loss.backward()?;
     let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
     for (param, grad) in pending {
@@ -104,6 +114,7 @@ impl Checkpoint {
     /// Reruns the layer from `x` and returns d(Σ y·grad)/dx; parameter gradients go to
     /// [`PENDING`].
     fn rerun(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        RERUNS.with(|r| r.set(r.get() + 1));
         let xin = Var::from_tensor(&x.detach())?;
         let y = dropout_tape::replay(&self.masks, || (self.f)(xin.as_tensor()))?;
         let store = (y * grad.detach())?.sum_all()?.backward()?;

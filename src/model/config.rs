@@ -42,7 +42,7 @@ pub enum Family {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub enum FamilyExtra {
     None,
-    Gemma3(super::gemma3::Gemma3Params),
+    Gemma3(super::gemma3_config::Gemma3Params),
     Phi3(super::phi3::Phi3Params),
 }
 
@@ -330,7 +330,7 @@ impl ModelConfig {
                     extra: FamilyExtra::None,
                 })
             }
-            "gemma3_text" => super::gemma3::parse_config(&value, path, model_type),
+            "gemma3_text" => super::gemma3_config::parse_config(&value, path, model_type),
             "phi3" => super::phi3::parse_config(&value, path, model_type),
             other => Err(LeashError::file(
                 path,

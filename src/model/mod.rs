@@ -8,6 +8,7 @@ pub mod fused;
 pub mod fused_attention;
 mod gemm;
 pub mod gemma3;
+pub mod gemma3_config;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
@@ -135,8 +136,8 @@ impl Decoder {
         match &self.arch {
             Arch::Llama(m) => m.forward_hidden(input, cache, self.gradient_checkpointing),
             Arch::Gpt2(m) => m.forward_hidden(input, cache, self.gradient_checkpointing),
-            Arch::Gemma3(m) => m.forward_hidden(input, cache),
-            Arch::Phi3(m) => m.forward_hidden(input, cache),
+            Arch::Gemma3(m) => m.forward_hidden(input, cache, self.gradient_checkpointing),
+            Arch::Phi3(m) => m.forward_hidden(input, cache, self.gradient_checkpointing),
         }
     }
 

@@ -3,17 +3,20 @@
 //! rotary embedding (`partial_rotary_factor`: only the first dims of each head rotate) and
 //! LongRoPE frequency scaling. Mirrors transformers' `models/phi3/modeling_phi3.py` (5.24);
 //! tensor names are the checkpoint's, so LoRA targets are PEFT's (`qkv_proj`, `gate_up_proj`,
-//! `o_proj`, `down_proj`).
+//! `o_proj`, `down_proj`). Each layer runs through one [`layer_forward`], so gradient
+//! checkpointing wraps it as for Llama ([`super::checkpoint`]).
 //!
 //! Legend: b batch, t time, c hidden channels, h heads, d head dim, r rotary dims, i MLP width.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{Module, Tensor, D};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::cache::KvCache;
+use super::checkpoint::{checkpoint, LayerFn};
 use super::config::{FamilyExtra, ModelConfig, RopeScaling};
 use super::linear::Linear;
 use super::ops::{apply_rope, attention, rms_norm, rope_inv_freq, rope_tables, swiglu};
@@ -232,7 +235,7 @@ pub struct Phi3 {
     cfg: ModelConfig,
     params: Phi3Params,
     embed: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Arc<Layer>>,
     norm: Tensor,
     lm_head: Tensor,
 }
@@ -257,14 +260,14 @@ impl Phi3 {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let pre = format!("model.layers.{l}");
-            layers.push(Layer {
+            layers.push(Arc::new(Layer {
                 input_norm: p.get(&format!("{pre}.input_layernorm.weight"), &[c])?,
                 qkv: linear(p, &format!("{pre}.self_attn.qkv_proj"), qkv_dim, c)?,
                 o: linear(p, &format!("{pre}.self_attn.o_proj"), c, q_dim)?,
                 post_norm: p.get(&format!("{pre}.post_attention_layernorm.weight"), &[c])?,
                 gate_up: linear(p, &format!("{pre}.mlp.gate_up_proj"), 2 * i, c)?,
                 down: linear(p, &format!("{pre}.mlp.down_proj"), c, i)?,
-            });
+            }));
         }
         let norm = p.get("model.norm.weight", &[c])?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -321,59 +324,34 @@ impl Phi3 {
         ))
     }
 
-    /// Final-normed hidden states (b, t, c); see [`super::llama::Llama::forward_hidden`].
+    /// Final-normed hidden states (b, t, c); see [`super::llama::Llama::forward_hidden`] for the
+    /// cache and `checkpointed`.
     pub fn forward_hidden(
         &self,
         input: &ForwardInput,
         mut cache: Option<&mut KvCache>,
+        checkpointed: bool,
     ) -> Result<Tensor> {
         let (b, t) = input.ids.dims2()?;
         let cfg = &self.cfg;
-        let (hq, hkv, d) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
         let r = self.params.rotary_dim;
         let (cos, sin) = self.rope(input, b, t)?;
-        // Partial rotary: the first r dims of each head rotate, the rest pass through.
-        let rotate = |x: &Tensor| -> candle_core::Result<Tensor> {
-            if r == d {
-                return apply_rope(x, &cos, &sin);
-            }
-            let rot = apply_rope(&x.narrow(D::Minus1, 0, r)?.contiguous()?, &cos, &sin)?;
-            Tensor::cat(&[&rot, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)
-        };
         let mut x = self
             .embed
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?; // (b, t, c)
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, cfg.norm_eps)?;
-            let qkv = layer.qkv.forward(&h)?; // (b, t, (hq + 2 hkv) d)
-            let heads = |from: usize, n: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(D::Minus1, from * d, n * d)?
-                    .reshape((b, t, n, d))?
-                    .transpose(1, 2) // (b, n, t, d)
+            x = if checkpointed && cache.is_none() {
+                let (layer2, cfg) = (layer.clone(), cfg.clone());
+                let (cos, sin, mask) = (cos.clone(), sin.clone(), input.mask.clone());
+                let f: LayerFn = Arc::new(move |x: &Tensor| {
+                    layer_forward(&layer2, &cfg, x, &cos, &sin, r, &mask, None)
+                });
+                checkpoint(&x, layer.tensors(), f)?
+            } else {
+                let cache = cache.as_deref_mut().map(|c| (c, l));
+                layer_forward(layer, cfg, &x, &cos, &sin, r, &input.mask, cache)?
             };
-            let q = rotate(&heads(0, hq)?)?;
-            let k = rotate(&heads(hq, hkv)?)?;
-            let v = heads(hq + hkv, hkv)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(l, &k, &v)?, // (b, hkv, s, d)
-                None => (k, v),
-            };
-            let y = attention(&q, &k, &v, &input.mask)?; // (b, hq, t, d)
-            let y = y.transpose(1, 2)?.reshape((b, t, hq * d))?;
-            x = (x + layer.o.forward(&y)?)?;
-            let h = rms_norm(&x, &layer.post_norm, cfg.norm_eps)?;
-            let gate_up = layer.gate_up.forward(&h)?; // (b, t, 2i): gate first, then up
-            let i = cfg.intermediate_size;
-            let gated = swiglu(
-                &gate_up.narrow(D::Minus1, 0, i)?.contiguous()?,
-                &gate_up.narrow(D::Minus1, i, i)?.contiguous()?,
-            )?; // (b, t, i)
-            x = (x + layer.down.forward(&gated)?)?;
         }
         Ok(rms_norm(&x, &self.norm, cfg.norm_eps)?)
     }
@@ -382,6 +360,72 @@ impl Phi3 {
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
     }
+}
+
+impl Layer {
+    fn tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.input_norm.clone(), self.post_norm.clone()];
+        for lin in [&self.qkv, &self.o, &self.gate_up, &self.down] {
+            out.extend(lin.tensors());
+        }
+        out
+    }
+}
+
+/// Rotates the first `r` dims of each head of x (b, n, t, d); the rest pass through.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, r: usize) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if r == d {
+        return apply_rope(x, cos, sin);
+    }
+    let rot = apply_rope(&x.narrow(D::Minus1, 0, r)?.contiguous()?, cos, sin)?;
+    Tensor::cat(&[&rot, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)
+}
+
+/// One decoder layer: x (b, t, c) → x + attention, then + MLP, with `r` rotary dims per head.
+/// With a cache, this layer's keys and values (layer `l`) are appended and attention spans them.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward(
+    layer: &Layer,
+    cfg: &ModelConfig,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    r: usize,
+    mask: &Tensor,
+    cache: Option<(&mut KvCache, usize)>,
+) -> candle_core::Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let (hq, hkv, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let h = rms_norm(x, &layer.input_norm, cfg.norm_eps)?;
+    let qkv = layer.qkv.forward(&h)?; // (b, t, (hq + 2 hkv) d)
+    let heads = |from: usize, n: usize| -> candle_core::Result<Tensor> {
+        qkv.narrow(D::Minus1, from * d, n * d)?
+            .reshape((b, t, n, d))?
+            .transpose(1, 2) // (b, n, t, d)
+    };
+    let q = rotate(&heads(0, hq)?, cos, sin, r)?;
+    let k = rotate(&heads(hq, hkv)?, cos, sin, r)?;
+    let v = heads(hq + hkv, hkv)?;
+    let (k, v) = match cache {
+        Some((c, l)) => c.append(l, &k, &v)?, // (b, hkv, s, d)
+        None => (k, v),
+    };
+    let y = attention(&q, &k, &v, mask)?; // (b, hq, t, d)
+    let y = y.transpose(1, 2)?.reshape((b, t, hq * d))?;
+    let x = (x + layer.o.forward(&y)?)?;
+    let h = rms_norm(&x, &layer.post_norm, cfg.norm_eps)?;
+    let gate_up = layer.gate_up.forward(&h)?; // (b, t, 2i): gate first, then up
+    let i = cfg.intermediate_size;
+    let gated = swiglu(
+        &gate_up.narrow(D::Minus1, 0, i)?.contiguous()?,
+        &gate_up.narrow(D::Minus1, i, i)?.contiguous()?,
+    )?; // (b, t, i)
+    x + layer.down.forward(&gated)?
 }
 
 #[cfg(test)]
