@@ -215,7 +215,7 @@ def roundtrip(leash: str, name: str, tok, rows) -> None:
         mine = leash_logps(leash, out)
         theirs = golden_rows(load_fp32(out), tok, rows)
         diff = max_diff(mine, theirs)
-        moved = max_diff(theirs, json.loads((fixture / "golden_logps.json").read_text())["rows"])
+        moved = max_diff(theirs, golden_rows(load_fp32(fixture), tok, rows))
         same_tensors = tensor_shapes(out) == tensor_shapes(fixture)
         saved_config = json.loads((out / "config.json").read_text())
         source_config = json.loads((fixture / "config.json").read_text())
@@ -260,12 +260,18 @@ def leash_lora(leash: str, tok, rows) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--leash", help="built leash binary: also run the round-trip and PEFT checks")
+    parser.add_argument("--roundtrip-only", nargs="+", metavar="FIXTURE",
+                        help="with --leash: only record the round trip of these existing fixtures (e.g. tiny-llama)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(LLAMA)
     rows = read_jsonl(LLAMA / "pref_test.jsonl")
+    if args.roundtrip_only:
+        for name in args.roundtrip_only:
+            roundtrip(args.leash, name, tok, rows)
+        return
     makers = {
         "tiny-gpt2-untied": (make_gpt2_untied, "random GPT2LMHeadModel, untied lm_head, n_inner 96"),
         "tiny-qwen3": (make_qwen3, "random Qwen3ForCausalLM, head_dim 24, q/k norm, tied"),
