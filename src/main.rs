@@ -450,7 +450,29 @@ fn command() -> clap::Command {
         })
         .mut_subcommands(negatives)
     }
-    negatives(Cli::command())
+    own_options_only(negatives(Cli::command()))
+}
+
+/// Each training command's `--help` lists only its method's options (TRL's per-method config
+/// classes); a foreign one still parses, so that resolving refuses it by name with a hint
+/// rather than clap's bare "unexpected argument".
+fn own_options_only(cmd: clap::Command) -> clap::Command {
+    use leash::train::method_options::methods_of;
+    let methods = [
+        Method::Sft,
+        Method::Dpo,
+        Method::Kto,
+        Method::Orpo,
+        Method::Grpo,
+    ];
+    methods.into_iter().fold(cmd, |cmd, m| {
+        cmd.mut_subcommand(m.name(), |sc| {
+            sc.mut_args(|a| match methods_of(a.get_id().as_str()) {
+                Some(owners) if !owners.contains(&m) => a.hide(true),
+                _ => a,
+            })
+        })
+    })
 }
 
 fn main() -> ExitCode {

@@ -256,7 +256,7 @@ fn assistant_only_loss_is_refused_for_other_methods_and_plain_text() {
     };
     let err = resolve(Method::Dpo, &args).err().unwrap().to_string();
     assert!(
-        err.contains("assistant_only_loss is an SFT option"),
+        err.contains("`assistant_only_loss` is an SFT option; `leash dpo` does not use it"),
         "{err}"
     );
 

@@ -531,6 +531,8 @@ impl Lab {
             self.cfg.dpo_steps,
             self.cfg.dpo_lr * 2.0,
         );
+        // GRPO bounds completions by max_completion_length; it takes no max_length.
+        a.max_length = None;
         a.num_generations = Some(4);
         a.max_completion_length = Some(24);
         a.reward_funcs = Some(vec!["arithmetic".into()]);

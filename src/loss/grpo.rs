@@ -21,7 +21,8 @@ pub const LOSS_TYPES: &[&str] = &["grpo", "dapo", "dr_grpo"];
 /// Added to the std before dividing (TRL's constant).
 pub const STD_EPS: f64 = 1e-4;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum GrpoLossType {
     Grpo,
     Dapo,

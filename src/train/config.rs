@@ -1,5 +1,7 @@
 //! Training options under TRL's names. Resolution order: method defaults < `--config run.toml`
 //! (TRL's snake_case keys; unknown keys are an error) < command-line flags (kebab-case).
+//! Each method takes only its own options, as TRL's per-method config classes
+//! ([`super::method_options`]); `loss_type` is parsed there once, per method.
 //! The resolved [`TrainConfig`] is written to the output folder before the first step.
 
 use std::path::{Path, PathBuf};
@@ -7,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::method_options::{self, LossType, Source};
 use crate::error::{read_text, LeashError, Result};
 
 /// The training method (one trainer each, as in TRL).
@@ -256,7 +259,9 @@ pub struct TrainConfig {
     pub overwrite_output_dir: bool,
     pub resume_from_checkpoint: Option<PathBuf>,
     pub beta: f64,
-    pub loss_type: String,
+    /// DPO and GRPO only (typed per method, written under TRL's names); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_type: Option<LossType>,
     pub label_smoothing: f64,
     pub rpo_alpha: f64,
     pub learning_rate: f64,
@@ -331,7 +336,11 @@ fn defaults(method: Method) -> Value {
         "overwrite_output_dir": false,
         "resume_from_checkpoint": null,
         "beta": if method == Method::Grpo { 0.0 } else { 0.1 },
-        "loss_type": if method == Method::Grpo { "dapo" } else { "sigmoid" },
+        "loss_type": match method {
+            Method::Grpo => Value::from("dapo"),
+            Method::Dpo => Value::from("sigmoid"),
+            _ => Value::Null,
+        },
         "label_smoothing": 0.0,
         "rpo_alpha": 0.0,
         "learning_rate": if method == Method::Sft { 2e-5 } else { 1e-6 },
@@ -425,9 +434,17 @@ pub fn resolve(method: Method, flags: &TrainArgs) -> Result<TrainConfig> {
         _ => Map::new(),
     };
     if let Some(path) = &flags.config {
-        merged.extend(given(&read_toml(path)?));
+        let from_file = given(&read_toml(path)?);
+        method_options::check(method, &from_file, Source::File(path, &read_text(path)?))?;
+        merged.extend(from_file);
     }
-    merged.extend(given(flags));
+    let from_flags = given(flags);
+    method_options::check(method, &from_flags, Source::Flags)?;
+    merged.extend(from_flags);
+    let loss_type = match merged.remove("loss_type") {
+        Some(Value::String(name)) => method_options::parse_loss_type(method, Some(name.as_str()))?,
+        _ => None,
+    };
     resolve_max_steps(&mut merged)?;
     for key in ["model", "dataset", "output_dir"] {
         if !merged.contains_key(key) {
@@ -437,9 +454,10 @@ pub fn resolve(method: Method, flags: &TrainArgs) -> Result<TrainConfig> {
             ));
         }
     }
-    let cfg: TrainConfig = serde_json::from_value(Value::Object(merged)).map_err(|e| {
+    let mut cfg: TrainConfig = serde_json::from_value(Value::Object(merged)).map_err(|e| {
         LeashError::usage(format!("invalid option: {e}"), "check the option's type")
     })?;
+    cfg.loss_type = loss_type;
     validate(&cfg)?;
     Ok(cfg)
 }
@@ -471,18 +489,6 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
         return bad(
             format!("beta must be > 0 (got {})", cfg.beta),
             "typical values are 0.01–0.5; β → 0 removes the leash entirely",
-        );
-    }
-    if cfg.method == Method::Dpo {
-        crate::loss::dpo::DpoLossType::parse(&cfg.loss_type)?;
-    }
-    if cfg.assistant_only_loss && cfg.method != Method::Sft {
-        return bad(
-            format!(
-                "assistant_only_loss is an SFT option, not `{}`'s",
-                cfg.method.name()
-            ),
-            "drop --assistant-only-loss (preference methods already score only the completions)",
         );
     }
     if !REPORT_TO.contains(&cfg.report_to.as_str()) {
@@ -582,7 +588,6 @@ fn validate_grpo(cfg: &TrainConfig) -> Result<()> {
             "0 (TRL's default) trains without a reference model; 0.01–0.1 adds a KL penalty",
         );
     }
-    crate::loss::grpo::GrpoLossType::parse(&cfg.loss_type)?;
     if !SCALE_REWARDS.contains(&cfg.scale_rewards.as_str()) {
         return bad(
             format!("unknown scale_rewards `{}`", cfg.scale_rewards),
@@ -685,8 +690,12 @@ mod tests {
         a.reward_funcs = Some(vec!["length".into()]);
         let grpo = resolve(Method::Grpo, &a).unwrap();
         assert_eq!(
-            (grpo.beta, grpo.loss_type.as_str(), grpo.num_generations),
-            (0.0, "dapo", 8)
+            (grpo.beta, grpo.loss_type, grpo.num_generations),
+            (
+                0.0,
+                Some(LossType::Grpo(crate::loss::grpo::GrpoLossType::Dapo)),
+                8
+            )
         );
         assert_eq!((grpo.epsilon, grpo.scale_rewards.as_str()), (0.2, "group"));
     }

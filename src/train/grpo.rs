@@ -20,6 +20,7 @@ use super::checkpoint::save_checkpoint;
 use super::config::TrainConfig;
 use super::divergence::{stopped, DivergenceGuard};
 use super::grads::GradAccumulator;
+use super::method_options::LossType;
 use super::metrics::{human_line, Accumulator, MetricsLog};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 use super::policy::{build_policy, save_weights, Policy};
@@ -36,9 +37,7 @@ use crate::error::{LeashError, Result};
 use crate::eval::evaluate::{eos_ids, prompts_of_split};
 use crate::eval::generate::{generate, SamplingOptions};
 use crate::eval::judge::{builtin_score, score_rows, Item};
-use crate::loss::grpo::{
-    advantages, grpo_loss, GrpoInputs, GrpoLossType, GrpoOptions, ScaleRewards,
-};
+use crate::loss::grpo::{advantages, grpo_loss, GrpoInputs, GrpoOptions, ScaleRewards};
 use crate::loss::logps::score_at_temperature;
 use crate::model::Decoder;
 use crate::scoring::load_model;
@@ -389,7 +388,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         beta: cfg.beta,
         epsilon: cfg.epsilon,
         epsilon_high: cfg.epsilon_high.unwrap_or(cfg.epsilon),
-        loss_type: GrpoLossType::parse(&cfg.loss_type)?,
+        loss_type: LossType::grpo(cfg.loss_type)?,
         max_completion_length: cfg.max_completion_length,
     };
     let save_final =

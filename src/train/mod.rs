@@ -6,6 +6,7 @@ pub mod divergence;
 pub mod examples;
 pub mod grads;
 pub mod grpo;
+pub mod method_options;
 pub mod metrics;
 pub mod optimizer;
 pub mod policy;

@@ -9,11 +9,12 @@ use candle_core::{Device, Tensor, D};
 
 use super::config::{Method, TrainConfig};
 use super::examples::{to_sequence, TrainExample};
+use super::method_options::LossType;
 use crate::data::collate::{collate, retain_scored, Collated};
 use crate::data::encode::{PromptCompletion, Sequence};
 use crate::data::pack::collate_packed;
 use crate::error::Result;
-use crate::loss::dpo::{dpo_loss, DpoLossType, DpoOptions, PairLogps};
+use crate::loss::dpo::{dpo_loss, DpoOptions, PairLogps};
 use crate::loss::kto::{kto_loss, KtoOptions};
 use crate::loss::logps::{score, score_with_stats, segment_sum};
 use crate::loss::orpo::orpo_loss;
@@ -241,7 +242,7 @@ fn dpo(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Re
         },
         &DpoOptions {
             beta: cfg.beta,
-            loss_type: DpoLossType::parse(&cfg.loss_type)?,
+            loss_type: LossType::dpo(cfg.loss_type)?,
             label_smoothing: cfg.label_smoothing,
         },
     )?;

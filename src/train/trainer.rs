@@ -14,6 +14,7 @@ use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
 use super::config::{Method, TrainConfig};
 use super::divergence::DivergenceGuard;
 use super::examples::{prepare_with, Prepared, TrainExample};
+use super::method_options::LossType;
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
 use super::optimizer::AdamW;
 use super::policy::{build_policy, save_weights, Policy};
@@ -24,6 +25,7 @@ use super::schedule::{lr_factor, warmup_steps};
 use super::step::{micro_batch, RefLogps, Reference, StepContext};
 use super::update::{adamw, optimizer_step, sft_token_count};
 use crate::error::{LeashError, Result};
+use crate::loss::dpo::DpoLossType;
 use crate::model::Decoder;
 use crate::progress::Progress;
 use crate::scoring::load_model;
@@ -264,7 +266,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?.report_to(cfg)?;
     let mut monitor = Monitor::new(cfg.beta, state.monitor_warned);
     // The hinge loss has exactly zero gradients once every margin is met.
-    let mut guard = DivergenceGuard::new(&vars, cfg.loss_type == "hinge")?;
+    let mut guard = DivergenceGuard::new(
+        &vars,
+        cfg.loss_type == Some(LossType::Dpo(DpoLossType::Hinge)),
+    )?;
     let mut acc = Accumulator::default();
     let (mut loss_sum, mut loss_steps) = (0.0f64, 0usize);
     let mut last_loss = None;
