@@ -7,10 +7,14 @@
 //! [`FrozenMatmul`] plus the composed low-rank path: candle's matmul backward always computes
 //! the gradient of both operands, which for a frozen base would cost a weight-sized gradient
 //! per layer per step for nothing.
+//!
+//! A frozen W may be held in bf16/f16 ([`super::frozen_dtype`]); both paths upcast it to f32
+//! right before each product (forward and the input gradient), so no f32 copy outlives it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Storage, Tensor};
 
+use super::frozen_dtype::{is_half, upcast};
 use super::lora::Adapter;
 use super::lora_fused;
 
@@ -109,10 +113,13 @@ impl Module for Linear {
 
 /// `x · w` for x (n, k) and w (k, m). When x tracks gradients and w does not (a frozen base
 /// under LoRA, the frozen lm_head), on CPU, the product goes through [`FrozenMatmul`] so that
-/// backward computes no gradient for w; otherwise it is candle's matmul.
+/// backward computes no gradient for w; otherwise it is candle's matmul. A bf16/f16 w is
+/// upcast for the product only (exact).
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.track_op() && !w.track_op() && x.device().is_cpu() && w.device().is_cpu() {
         x.apply_op1(FrozenMatmul { w: w.clone() })
+    } else if is_half(w.dtype()) && !is_half(x.dtype()) {
+        x.matmul(&upcast(w)?.to_dtype(x.dtype())?)
     } else {
         x.matmul(w)
     }
@@ -130,7 +137,13 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (w_storage, wl) = self.w.storage_and_layout();
+        // A half-precision W is upcast to x's dtype for this product only.
+        let w = if self.w.dtype() != s.dtype() {
+            self.w.to_dtype(s.dtype())?
+        } else {
+            self.w.clone()
+        };
+        let (w_storage, wl) = w.storage_and_layout();
         let Storage::Cpu(ws) = &*w_storage else {
             candle_core::bail!("frozen-matmul: the weight must be on the CPU")
         };
@@ -154,7 +167,12 @@ impl CustomOp1 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w.t()?)?))
+        let w = if self.w.dtype() != grad.dtype() {
+            self.w.to_dtype(grad.dtype())?
+        } else {
+            self.w.clone()
+        };
+        Ok(Some(grad.matmul(&w.t()?)?))
     }
 }
 

@@ -169,6 +169,12 @@ pub struct TrainArgs {
     /// Default false (TRL's default is true; see the README on why leash differs).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// Storage dtype of frozen weights (the reference model; the LoRA base): auto (default)
+    /// keeps a bf16/f16 checkpoint's matrices in that dtype, upcast per use (exact, half the
+    /// memory); f32 holds them in f32; bf16 also rounds an f32 checkpoint (not exact). No TRL
+    /// equivalent. Trainable weights and optimizer state are always f32.
+    #[arg(long, value_parser = ["auto", "f32", "bf16"])]
+    pub frozen_dtype: Option<String>,
     /// SFT on conversations: train only on the assistant's tokens, those the chat template
     /// wraps in {% generation %} … {% endgeneration %} (TRL's swap to its training template
     /// included). Default false.
@@ -285,6 +291,9 @@ pub struct TrainConfig {
     pub precompute_ref_log_probs: bool,
     pub padding_free: bool,
     pub gradient_checkpointing: bool,
+    /// auto, f32 or bf16 (see [`crate::model::frozen_dtype`]); absent from older configs.
+    #[serde(default = "default_frozen_dtype")]
+    pub frozen_dtype: String,
     /// Absent from configs written before it existed.
     #[serde(default)]
     pub assistant_only_loss: bool,
@@ -388,6 +397,7 @@ fn defaults(method: Method) -> Value {
         "dataset_train_split": default_train_split(),
         "dataset_test_split": default_test_split(),
         "report_to": default_report_to(),
+        "frozen_dtype": default_frozen_dtype(),
     });
     for extra in [grpo, io] {
         if let (Value::Object(m), Value::Object(g)) = (&mut base, extra) {
@@ -414,6 +424,10 @@ pub fn read_toml(path: &Path) -> Result<TrainArgs> {
             "keys are TRL's snake_case option names (e.g. learning_rate, per_device_train_batch_size); see `leash dpo --help`",
         )
     })
+}
+
+fn default_frozen_dtype() -> String {
+    "auto".into()
 }
 
 pub const SCHEDULERS: &[&str] = &["constant", "linear", "cosine"];
