@@ -13,6 +13,7 @@ use crate::data::encode::{Encoded, EncodedRow, Encoder, PromptCompletion, Sequen
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{LeashError, Result};
 use crate::loss::logps::score;
+use crate::model::frozen_dtype::FrozenDtype;
 use crate::model::Decoder;
 
 /// Sequences scored per forward pass.
@@ -20,6 +21,16 @@ const SCORE_BATCH: usize = 16;
 
 /// Loads a model folder (config, weights, tokenizer).
 pub fn load_model(dir: &Path, device: &Device) -> Result<(Decoder, TextTokenizer)> {
+    load_model_as(dir, device, FrozenDtype::F32)
+}
+
+/// As [`load_model`], holding the weight matrices as `frozen` says (a training run's base:
+/// the reference, the LoRA backbone, or the source of the trainable f32 copy).
+pub fn load_model_as(
+    dir: &Path,
+    device: &Device,
+    frozen: FrozenDtype,
+) -> Result<(Decoder, TextTokenizer)> {
     if !dir.is_dir() {
         return Err(LeashError::file(
             dir,
@@ -27,7 +38,7 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(Decoder, TextTokenizer
             "pass --model a folder holding config.json, model.safetensors and tokenizer.json",
         ));
     }
-    let model = Decoder::load(dir, device)?;
+    let model = Decoder::load_as(dir, device, frozen)?;
     let tokenizer = TextTokenizer::from_dir(dir, &model.config)?;
     check_vocab_fits(dir, &tokenizer, model.config.vocab_size)?;
     Ok((model, tokenizer))

@@ -40,6 +40,7 @@ fn sample(option: &str) -> (&'static str, &'static [&'static str]) {
         "lora_target_modules" => ("\"q_proj,v_proj\"", &["q_proj,v_proj"]),
         "lr_scheduler_type" => ("\"cosine\"", &["cosine"]),
         "scale_rewards" => ("\"batch\"", &["batch"]),
+        "frozen_dtype" => ("\"bf16\"", &["bf16"]),
         "reward_funcs" => ("[\"length\"]", &["length"]),
         "reward_cmd" => ("[\"cat\"]", &["cat"]),
         "reward_weights" => ("[1.0, 2.0]", &["1,2"]),

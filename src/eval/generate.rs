@@ -10,6 +10,7 @@ use rand::Rng;
 
 use crate::error::{LeashError, Result};
 use crate::model::cache::KvCache;
+use crate::model::frozen_dtype::upcast;
 use crate::model::ops::{causal_mask, MASKED};
 use crate::model::{Decoder, ForwardInput};
 
@@ -110,7 +111,9 @@ pub fn sample_token(logits: &[f32], opt: &SamplingOptions, rng: &mut StdRng) -> 
 fn last_logits(model: &Decoder, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
     let t = hidden.dim(1)?;
     let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?; // (n, c)
-    Ok(last.matmul(&model.lm_head().t()?)?.to_vec2::<f32>()?)
+    Ok(last
+        .matmul(&upcast(model.lm_head())?.t()?)?
+        .to_vec2::<f32>()?)
 }
 
 /// Mask for `t` new queries at positions s0.. over s0 + t keys (all earlier keys visible).

@@ -18,6 +18,7 @@ use crate::eval::generate::SamplingOptions;
 use crate::eval::judge::Judge;
 use crate::loss::dpo::{dpo_loss, DpoLossType, DpoOptions, PairLogps};
 use crate::loss::logps::score;
+use crate::model::frozen_dtype::upcast;
 use crate::model::ForwardInput;
 use crate::report::plot::{line_plot, metric_series, Series};
 use crate::train::config::{resolve, Method};
@@ -198,7 +199,7 @@ impl Lab {
         let logits = model
             .forward_hidden(&input)?
             .squeeze(0)?
-            .matmul(&model.lm_head().t()?)?
+            .matmul(&upcast(model.lm_head())?.t()?)?
             .to_vec2::<f32>()?;
         let mut by_hand = 0.0f64;
         let mut per_token = Vec::new();

@@ -20,6 +20,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::token_logprob::{composed_token_logprobs, row_stats, RowStats};
+use crate::model::frozen_dtype::{is_half, upcast};
 use crate::model::linear::frozen_matmul;
 
 /// Logits up to this size (n·v·4 bytes) are kept from forward to backward; larger ones are
@@ -46,7 +47,7 @@ pub fn head_logprobs(
 ) -> candle_core::Result<HeadLogprobs> {
     let fused = hidden.device().is_cpu()
         && hidden.dtype() == DType::F32
-        && weight.dtype() == DType::F32
+        && (weight.dtype() == DType::F32 || is_half(weight.dtype()))
         && weight.device().is_cpu();
     if fused {
         chunked(
@@ -128,7 +129,8 @@ pub fn chunked(
     if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
         candle_core::bail!("lm-head-logprob: target {bad} outside the vocabulary of {v}");
     }
-    let (h, w) = (hidden.detach(), weight.detach());
+    // A bf16/f16 frozen head is upcast for this call only (exact).
+    let (h, w) = (hidden.detach(), upcast(&weight.detach())?);
     let chunk = (chunk_elems / v.max(1)).max(1);
     // Kept logits come from one matmul over all rows (the best use of the cores).
     let keep = n * v * 4 <= keep_bytes;
@@ -230,7 +232,8 @@ impl CustomOp2 for LmHeadLogprob {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, _) = hidden.dims2()?;
         let (v, _) = weight.dims2()?;
-        let (h, w) = (hidden.detach(), weight.detach());
+        // A bf16/f16 frozen head is upcast for this call only (exact).
+        let (h, w) = (hidden.detach(), upcast(&weight.detach())?);
         let g = grad_res.detach().to_vec1::<f32>()?;
         let mut grad_h = Vec::new();
         let mut grad_w: Option<Tensor> = None;

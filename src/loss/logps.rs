@@ -138,7 +138,12 @@ mod tests {
             .squeeze(0)
             .unwrap();
         let logits = hidden
-            .matmul(&model.lm_head().t().unwrap())
+            .matmul(
+                &crate::model::frozen_dtype::upcast(model.lm_head())
+                    .unwrap()
+                    .t()
+                    .unwrap(),
+            )
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();

@@ -16,6 +16,7 @@ use candle_core::{Module, Tensor};
 use super::cache::KvCache;
 use super::checkpoint::{checkpoint, LayerFn};
 use super::config::{FamilyExtra, ModelConfig};
+use super::frozen_dtype::{compute_dtype, upcast};
 use super::gemma3_config::Gemma3Params;
 use super::linear::Linear;
 use super::ops::{apply_rope, attention_composed, rms_norm, rope_inv_freq, rope_tables, MASKED};
@@ -182,7 +183,7 @@ impl Gemma3 {
         let dev = input.ids.device();
         let tables = |inv_freq: &[f32]| -> Result<(Tensor, Tensor)> {
             let (cos, sin) = rope_tables(&input.positions, inv_freq, dev)?;
-            let dtype = self.embed.dtype();
+            let dtype = compute_dtype(self.embed.dtype());
             Ok((
                 cos.reshape((b, 1, t, d))?.to_dtype(dtype)?,
                 sin.reshape((b, 1, t, d))?.to_dtype(dtype)?,
@@ -205,6 +206,7 @@ impl Gemma3 {
         let mut x = (self
             .embed
             .index_select(&input.ids.flatten_all()?, 0)?
+            .apply(&upcast)? // rows gathered from bf16 storage, then upcast (exact)
             .reshape((b, t, c))?
             * embed_scale)?; // (b, t, c)
         for (l, layer) in self.layers.iter().enumerate() {

@@ -13,6 +13,7 @@ use candle_core::{Module, Tensor, D};
 use super::cache::KvCache;
 use super::checkpoint::{checkpoint, LayerFn};
 use super::config::ModelConfig;
+use super::frozen_dtype::upcast;
 use super::linear::Linear;
 use super::ops::{attention, layer_norm};
 use super::params::ParamLoader;
@@ -127,8 +128,9 @@ impl Gpt2 {
             }
         }
         let positions = Tensor::new(input.positions.as_slice(), input.ids.device())?;
-        let tok = self.wte.index_select(&input.ids.flatten_all()?, 0)?;
-        let pos = self.wpe.index_select(&positions, 0)?;
+        // Rows gathered from bf16 storage, then upcast (exact).
+        let tok = upcast(&self.wte.index_select(&input.ids.flatten_all()?, 0)?)?;
+        let pos = upcast(&self.wpe.index_select(&positions, 0)?)?;
         let mut x = (tok + pos)?.reshape((b, t, c))?; // (b, t, c)
         for (l, blk) in self.blocks.iter().enumerate() {
             x = if checkpointed && cache.is_none() {

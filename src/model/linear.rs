@@ -7,10 +7,14 @@
 //! [`FrozenMatmul`] plus the composed low-rank path: candle's matmul backward always computes
 //! the gradient of both operands, which for a frozen base would cost a weight-sized gradient
 //! per layer per step for nothing.
+//!
+//! A frozen W may be held in bf16/f16 ([`super::frozen_dtype`]); both paths upcast it to f32
+//! right before each product (forward and the input gradient), so no f32 copy outlives it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Storage, Tensor};
 
+use super::frozen_dtype::{is_half, upcast};
 use super::lora::Adapter;
 use super::lora_fused;
 
@@ -89,7 +93,11 @@ impl Module for Linear {
                 }
                 if let Some(ad) = lora {
                     let xin = if ad.dropout > 0.0 && ad.a.is_variable() {
-                        candle_nn::ops::dropout(&x2, ad.dropout as f32)?
+                        // The same seeded (and checkpoint-replayed) masks as the fused path.
+                        let keep = dropout_tape::mask(x2.elem_count(), ad.dropout)?;
+                        let keep = Tensor::from_vec(keep, x2.shape(), x2.device())?
+                            .to_dtype(x2.dtype())?;
+                        ((x2 * keep)? * (1.0 / (1.0 - ad.dropout)))?
                     } else {
                         x2
                     };
@@ -109,10 +117,13 @@ impl Module for Linear {
 
 /// `x · w` for x (n, k) and w (k, m). When x tracks gradients and w does not (a frozen base
 /// under LoRA, the frozen lm_head), on CPU, the product goes through [`FrozenMatmul`] so that
-/// backward computes no gradient for w; otherwise it is candle's matmul.
+/// backward computes no gradient for w; otherwise it is candle's matmul. A bf16/f16 w is
+/// upcast for the product only (exact).
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.track_op() && !w.track_op() && x.device().is_cpu() && w.device().is_cpu() {
         x.apply_op1(FrozenMatmul { w: w.clone() })
+    } else if is_half(w.dtype()) && !is_half(x.dtype()) {
+        x.matmul(&upcast(w)?.to_dtype(x.dtype())?)
     } else {
         x.matmul(w)
     }
@@ -130,7 +141,13 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (w_storage, wl) = self.w.storage_and_layout();
+        // A half-precision W is upcast to x's dtype for this product only.
+        let w = if self.w.dtype() != s.dtype() {
+            self.w.to_dtype(s.dtype())?
+        } else {
+            self.w.clone()
+        };
+        let (w_storage, wl) = w.storage_and_layout();
         let Storage::Cpu(ws) = &*w_storage else {
             candle_core::bail!("frozen-matmul: the weight must be on the CPU")
         };
@@ -154,19 +171,47 @@ impl CustomOp1 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w.t()?)?))
+        let w = if self.w.dtype() != grad.dtype() {
+            self.w.to_dtype(grad.dtype())?
+        } else {
+            self.w.clone()
+        };
+        Ok(Some(grad.matmul(&w.t()?)?))
     }
 }
 
-/// One 0/1 byte per element: kept with probability 1 − p (independent draws; like candle's
-/// and PyTorch's dropout, not seeded by the run's seed).
+thread_local! {
+    /// This thread's dropout generator once a trainer seeded it ([`seed_dropout`]).
+    static DROPOUT_RNG: std::cell::RefCell<Option<rand::rngs::StdRng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Seeds this thread's LoRA dropout masks. The trainers call it at every optimizer step with
+/// the run's seed and the step, so two runs with one seed (and a resumed run) draw the same
+/// masks, as TRL's seeded torch generator does (the masks themselves differ from torch's).
+pub fn seed_dropout(seed: u64, step: usize) {
+    use rand::SeedableRng;
+    let mixed = seed
+        ^ (step as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = Some(rand::rngs::StdRng::seed_from_u64(mixed)));
+}
+
+/// One 0/1 byte per element: kept with probability 1 − p (independent draws from the seeded
+/// generator, or an unseeded one outside a trainer).
 fn dropout_keep_mask(n: usize, p: f64) -> Vec<u8> {
     use rand::Rng;
     let threshold = (p * u32::MAX as f64) as u32;
-    let mut rng = rand::thread_rng();
-    (0..n)
-        .map(|_| (rng.gen::<u32>() > threshold) as u8)
-        .collect()
+    let draw = |rng: &mut dyn rand::RngCore| -> Vec<u8> {
+        (0..n)
+            .map(|_| (rng.gen::<u32>() > threshold) as u8)
+            .collect()
+    };
+    DROPOUT_RNG.with(|r| match r.borrow_mut().as_mut() {
+        Some(rng) => draw(rng),
+        None => draw(&mut rand::thread_rng()),
+    })
 }
 
 /// LoRA dropout masks of a checkpointed layer ([`super::checkpoint`]): recorded in its first

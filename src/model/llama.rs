@@ -12,6 +12,7 @@ use candle_core::{Module, Tensor};
 use super::cache::KvCache;
 use super::checkpoint::{checkpoint, LayerFn};
 use super::config::ModelConfig;
+use super::frozen_dtype::{compute_dtype, upcast};
 use super::linear::Linear;
 use super::ops::{apply_rope, attention, rms_norm, rope_inv_freq, rope_tables, swiglu};
 use super::params::ParamLoader;
@@ -113,12 +114,13 @@ impl Llama {
         let cfg = &self.cfg;
         let d = cfg.head_dim;
         let (cos, sin) = rope_tables(&input.positions, &self.inv_freq, input.ids.device())?;
-        let dtype = self.embed.dtype();
+        let dtype = compute_dtype(self.embed.dtype());
         let cos = cos.reshape((b, 1, t, d))?.to_dtype(dtype)?;
         let sin = sin.reshape((b, 1, t, d))?.to_dtype(dtype)?;
         let mut x = self
             .embed
             .index_select(&input.ids.flatten_all()?, 0)?
+            .apply(&upcast)? // rows gathered from bf16 storage, then upcast (exact)
             .reshape((b, t, cfg.hidden_size))?; // (b, t, c)
         for (l, layer) in self.layers.iter().enumerate() {
             x = if checkpointed && cache.is_none() {

@@ -33,7 +33,8 @@ pub fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Te
     let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == dt;
     matches!(dt, DType::F32 | DType::F64)
         && ok(x)
-        && ok(w)
+        && w.device().is_cpu()
+        && (w.dtype() == dt || super::frozen_dtype::is_half(w.dtype()))
         && ok(a)
         && ok(b)
         && bias.is_none_or(|t| ok(t) && !t.track_op())
@@ -150,13 +151,22 @@ fn with_cpu<R>(
 }
 
 impl LoraLinear {
-    fn fwd<T: Float>(
+    /// W in the compute dtype `dt`: itself, or (held in bf16/f16) an exact transient upcast.
+    fn w_as(&self, dt: DType) -> candle_core::Result<Tensor> {
+        if self.w.dtype() == dt {
+            Ok(self.w.clone())
+        } else {
+            self.w.to_dtype(dt)
+        }
+    }
+
+    fn fwd<T: Float + candle_core::WithDType>(
         &self,
         x: Mat<T>,
         a: Mat<T>,
         b: Mat<T>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        with_cpu(&self.w, |ws, wl| {
+        with_cpu(&self.w_as(T::DTYPE)?, |ws, wl| {
             let w = Mat::<T>::of(ws, wl, "W")?; // (i, o)
             let (n, o, r) = (x.rows, w.cols, a.rows);
             if a.cols != x.cols || b.rows != o || b.cols != r {
@@ -265,7 +275,7 @@ impl LoraLinear {
             with_cpu(at, |as_, al| {
                 with_cpu(bt, |bs, bl| {
                     with_cpu(gt, |gs, gl| {
-                        with_cpu(&self.w, |ws, wl| {
+                        with_cpu(&self.w_as(T::DTYPE)?, |ws, wl| {
                             let x = Mat::<T>::of(xs, xl, "x")?; // (n, i)
                             let a = Mat::<T>::of(as_, al, "A")?; // (r, i)
                             let b = Mat::<T>::of(bs, bl, "B")?; // (o, r)

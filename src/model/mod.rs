@@ -4,6 +4,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod config_keys;
+pub mod frozen_dtype;
 pub mod fused;
 pub mod fused_attention;
 mod gemm;
@@ -63,8 +64,14 @@ pub struct Decoder {
 impl Decoder {
     /// Loads config.json and the safetensors weights in `dir`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(dir, device, frozen_dtype::FrozenDtype::F32)
+    }
+
+    /// As [`Decoder::load`], holding the matrices as `frozen` says (for a model that is only
+    /// ever frozen or copied into trainable f32 variables by [`Decoder::to_trainable`]).
+    pub fn load_as(dir: &Path, device: &Device, frozen: frozen_dtype::FrozenDtype) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
-        let weights = Weights::from_dir(dir, device)?;
+        let weights = Weights::from_dir_as(dir, device, frozen)?;
         Self::from_weights(config, &weights)
     }
 
@@ -160,12 +167,13 @@ impl Decoder {
     }
 
     /// A copy of this model whose parameters are fresh trainable variables (same names, same
-    /// order). The original keeps its own storage, so it can serve as the frozen reference.
+    /// order), always f32 (or f64), whatever dtype this model holds its weights in. The
+    /// original keeps its own storage, so it can serve as the frozen reference.
     pub fn to_trainable(&self) -> Result<(Decoder, Vec<(String, Var)>)> {
         let mut vars = Vec::with_capacity(self.params.len());
         let mut map = HashMap::new();
         for (name, t) in &self.params {
-            let var = Var::from_tensor(t)?;
+            let var = Var::from_tensor(&frozen_dtype::upcast(t)?)?;
             map.insert(name.clone(), var.as_tensor().clone());
             vars.push((name.clone(), var));
         }

@@ -80,7 +80,12 @@ impl<'a> ParamLoader<'a> {
                 let (head, embed_t) = (self.weights.raw(name), self.weights.raw(embed));
                 if let (Some(head), Some(embed_t)) = (head, embed_t) {
                     let same = head.dims() == embed_t.dims()
-                        && (head - embed_t)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+                        && (head - embed_t)?
+                            .abs()?
+                            .max_all()?
+                            .to_dtype(candle_core::DType::F32)?
+                            .to_scalar::<f32>()?
+                            == 0.0;
                     if same {
                         continue;
                     }

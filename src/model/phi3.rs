@@ -18,6 +18,7 @@ use serde_json::Value;
 use super::cache::KvCache;
 use super::checkpoint::{checkpoint, LayerFn};
 use super::config::{FamilyExtra, ModelConfig, RopeScaling};
+use super::frozen_dtype::{compute_dtype, upcast};
 use super::linear::Linear;
 use super::ops::{apply_rope, attention, rms_norm, rope_inv_freq, rope_tables, swiglu};
 use super::params::ParamLoader;
@@ -317,7 +318,7 @@ impl Phi3 {
         } else {
             (cos, sin)
         };
-        let dtype = self.embed.dtype();
+        let dtype = compute_dtype(self.embed.dtype());
         Ok((
             cos.reshape((b, 1, t, r))?.to_dtype(dtype)?,
             sin.reshape((b, 1, t, r))?.to_dtype(dtype)?,
@@ -339,6 +340,7 @@ impl Phi3 {
         let mut x = self
             .embed
             .index_select(&input.ids.flatten_all()?, 0)?
+            .apply(&upcast)? // rows gathered from bf16 storage, then upcast (exact)
             .reshape((b, t, cfg.hidden_size))?; // (b, t, c)
         for (l, layer) in self.layers.iter().enumerate() {
             x = if checkpointed && cache.is_none() {

@@ -1,11 +1,13 @@
 //! Reads checkpoint tensors from `model.safetensors` or a sharded
-//! `model.safetensors.index.json`, in any float dtype, converted to f32 for compute.
+//! `model.safetensors.index.json`, in any float dtype, converted to f32 for compute, or (for
+//! frozen weights, see [`super::frozen_dtype`]) kept in bf16/f16 storage.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::frozen_dtype::FrozenDtype;
 use crate::error::{read_text, LeashError, Result};
 
 /// Named tensors of one checkpoint, all f32, with the folder they came from (for errors).
@@ -25,8 +27,13 @@ impl Weights {
         }
     }
 
-    /// Loads every tensor of the checkpoint in `dir`.
+    /// Loads every tensor of the checkpoint in `dir`, all f32.
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
+        Self::from_dir_as(dir, device, FrozenDtype::F32)
+    }
+
+    /// Loads every tensor of the checkpoint in `dir`, matrices held as `frozen` says.
+    pub fn from_dir_as(dir: &Path, device: &Device, frozen: FrozenDtype) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let files = if single.exists() {
@@ -52,8 +59,14 @@ impl Weights {
             })?;
             for (name, t) in loaded {
                 let t = match t.dtype() {
-                    DType::F32 => t,
-                    DType::BF16 | DType::F16 | DType::F64 => t.to_dtype(DType::F32)?,
+                    DType::F32 | DType::BF16 | DType::F16 | DType::F64 => {
+                        let want = frozen.storage(t.dtype(), t.rank());
+                        if t.dtype() == want {
+                            t
+                        } else {
+                            t.to_dtype(want)?
+                        }
+                    }
                     other => return Err(LeashError::file(
                         file,
                         format!("tensor `{name}` has dtype {other:?}, not a float type"),

@@ -172,6 +172,13 @@ pub struct TrainArgs {
     /// Default false (TRL's default is true; see the README on why leash differs).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// Storage dtype of frozen weights (the reference model; the LoRA base): f32 (default)
+    /// holds them in f32; auto keeps a bf16/f16 checkpoint's matrices in that dtype, upcast per
+    /// use (exact, half the frozen memory, but slower: see BENCHMARKS.md); bf16 also rounds an
+    /// f32 checkpoint (not exact). No TRL equivalent. Trainable weights and optimizer state are
+    /// always f32.
+    #[arg(long, value_parser = ["auto", "f32", "bf16"])]
+    pub frozen_dtype: Option<String>,
     /// SFT on conversations: train only on the assistant's tokens, those the chat template
     /// wraps in {% generation %} … {% endgeneration %} (TRL's swap to its training template
     /// included). Default false.
@@ -290,6 +297,9 @@ pub struct TrainConfig {
     pub precompute_ref_log_probs: bool,
     pub padding_free: bool,
     pub gradient_checkpointing: bool,
+    /// auto, f32 or bf16 (see [`crate::model::frozen_dtype`]); absent from older configs.
+    #[serde(default = "default_frozen_dtype")]
+    pub frozen_dtype: String,
     /// Absent from configs written before it existed.
     #[serde(default)]
     pub assistant_only_loss: bool,
@@ -397,6 +407,7 @@ fn defaults(method: Method) -> Value {
         "dataset_train_split": default_train_split(),
         "dataset_test_split": default_test_split(),
         "report_to": default_report_to(),
+        "frozen_dtype": default_frozen_dtype(),
     });
     for extra in [grpo, io] {
         if let (Value::Object(m), Value::Object(g)) = (&mut base, extra) {
@@ -423,6 +434,12 @@ pub fn read_toml(path: &Path) -> Result<TrainArgs> {
             "keys are TRL's snake_case option names (e.g. learning_rate, per_device_train_batch_size); see `leash dpo --help`",
         )
     })
+}
+
+fn default_frozen_dtype() -> String {
+    // `auto` is exact and saves memory but upcasts every frozen matrix per product, which
+    // made a release LoRA DPO step 2.2x slower (BENCHMARKS.md): memory is the user's choice.
+    "f32".into()
 }
 
 pub const SCHEDULERS: &[&str] = &["constant", "linear", "cosine"];
@@ -483,6 +500,7 @@ fn resolve_max_steps(merged: &mut Map<String, Value>) -> Result<()> {
 
 fn validate(cfg: &TrainConfig) -> Result<()> {
     let bad = |msg: String, hint: &str| Err(LeashError::usage(msg, hint));
+    crate::model::frozen_dtype::FrozenDtype::parse(&cfg.frozen_dtype)?;
     if cfg.method == Method::Grpo {
         validate_grpo(cfg)?;
     } else if cfg.beta <= 0.0 || !cfg.beta.is_finite() {

@@ -39,8 +39,9 @@ use crate::eval::generate::{generate, SamplingOptions};
 use crate::eval::judge::{builtin_score, score_rows, Item};
 use crate::loss::grpo::{advantages, grpo_loss, GrpoInputs, GrpoOptions, ScaleRewards};
 use crate::loss::logps::score_at_temperature;
+use crate::model::frozen_dtype::FrozenDtype;
 use crate::model::Decoder;
-use crate::scoring::load_model;
+use crate::scoring::load_model_as;
 
 /// One prompt of the data set: rendered text, ids, and the row's columns (for reward commands).
 pub struct PromptRow {
@@ -357,7 +358,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let mut progress = check_output_dir(cfg)?;
     install_ctrl_c();
     let device = Device::Cpu;
-    let (base, tok) = load_model(&cfg.model, &device)?;
+    let frozen = FrozenDtype::parse(&cfg.frozen_dtype)?;
+    let (base, tok) = load_model_as(&cfg.model, &device, frozen)?;
     let rows = load_prompts(&cfg.dataset, Some(&cfg.dataset_train_split), &tok)?;
     let rewards = Rewards::from_config(cfg);
     let config_path = cfg.output_dir.join("leash_config.json");
@@ -425,6 +427,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let mut current: Option<Rollout> = None;
 
     for step in state.global_step..total {
+        crate::model::linear::seed_dropout(cfg.seed, step);
         // Sampling: a fresh batch every μ steps (or after a resume mid-way).
         let t0 = Instant::now();
         if step % mu == 0 || current.is_none() {

@@ -74,6 +74,8 @@ pub const OPTIONS: &[(&str, &[Method])] = &[
     // TRL: SFT and DPO. leash's packing is exact, so KTO and GRPO use it too; ORPO always pads.
     ("padding_free", &[Sft, Dpo, Kto, Grpo]),
     ("gradient_checkpointing", ALL),
+    // leash's (no TRL counterpart): the reference, and the LoRA base under any method.
+    ("frozen_dtype", ALL),
     ("assistant_only_loss", &[Sft]),
     ("use_peft", ALL),
     ("lora_r", ALL),

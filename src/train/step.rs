@@ -19,6 +19,7 @@ use crate::loss::kto::{kto_loss, KtoOptions};
 use crate::loss::logps::{score, score_with_stats, segment_sum};
 use crate::loss::orpo::orpo_loss;
 use crate::loss::token_logprob::RowStats;
+use crate::model::frozen_dtype::upcast;
 use crate::model::Decoder;
 
 /// Reference log-probs of one example: (chosen, rejected) for pairs, (completion, KL) for KTO.
@@ -428,7 +429,7 @@ fn orpo(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> R
 /// needs one (c,) vector, not the logits.
 fn orpo_logit_means(policy: &Decoder, hidden: &Tensor, p: usize) -> Result<(f64, f64)> {
     let (_, t, _) = hidden.dims3()?;
-    let w_mean = policy.lm_head().detach().mean(0)?; // (c,)
+    let w_mean = upcast(&policy.lm_head().detach())?.mean(0)?; // (c,), f32 even for a bf16 base
     let h = hidden.detach().narrow(1, 0, t.saturating_sub(1).max(1))?; // (2p, t-1, c)
     let per_pos = h.broadcast_mul(&w_mean)?.sum(D::Minus1)?; // (2p, t-1)
     let c = per_pos.narrow(0, 0, p)?.mean_all()?.to_scalar::<f32>()? as f64;

@@ -26,9 +26,10 @@ use super::step::{micro_batch, RefLogps, Reference, StepContext};
 use super::update::{adamw, optimizer_step, sft_token_count};
 use crate::error::{LeashError, Result};
 use crate::loss::dpo::DpoLossType;
+use crate::model::frozen_dtype::FrozenDtype;
 use crate::model::Decoder;
 use crate::progress::Progress;
-use crate::scoring::load_model;
+use crate::scoring::load_model_as;
 
 type RefCache = HashMap<usize, RefLogps>;
 
@@ -164,7 +165,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let mut progress = check_output_dir(cfg)?;
     install_ctrl_c();
     let device = Device::Cpu;
-    let (base, tokenizer) = load_model(&cfg.model, &device)?;
+    let frozen = FrozenDtype::parse(&cfg.frozen_dtype)?;
+    let (base, tokenizer) = load_model_as(&cfg.model, &device, frozen)?;
     let bs = cfg.per_device_train_batch_size;
     let aol = cfg.assistant_only_loss;
     let train_data = prepare_with(

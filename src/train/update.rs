@@ -73,6 +73,7 @@ pub fn optimizer_step(
     metrics: &mut Accumulator,
 ) -> Result<StepOutcome> {
     let cfg: &TrainConfig = ctx.cfg;
+    crate::model::linear::seed_dropout(cfg.seed, step);
     let sft_tokens = sft_token_count(micro, cfg.max_length);
     let scale = 1.0 / micro.len().max(1) as f64;
     let mut grads = GradAccumulator::new(vars.len());
