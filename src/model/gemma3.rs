@@ -51,16 +51,6 @@ pub struct Gemma3 {
     local_inv_freq: Vec<f32>,
 }
 
-fn linear(p: &ParamLoader, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let w = p.get(&format!("{name}.weight"), &[out, inp])?;
-    let b = if bias {
-        Some(p.get(&format!("{name}.bias"), &[out])?)
-    } else {
-        None
-    };
-    Ok(p.linear_module(name, Linear::new(w, b), inp, out))
-}
-
 /// Gemma's RMSNorm: `x / sqrt(mean(x²) + eps) · (1 + w)`. The 1 is added at every call, not at
 /// load, so that a trained `w` (updated in place) is always seen.
 fn norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -137,18 +127,18 @@ impl Gemma3 {
             let w = |name: &str, n: usize| p.get(&format!("{pre}.{name}.weight"), &[n]);
             layers.push(Arc::new(Layer {
                 input_norm: w("input_layernorm", c)?,
-                q: linear(p, &format!("{attn}.q_proj"), q_dim, c, bias)?,
-                k: linear(p, &format!("{attn}.k_proj"), kv_dim, c, bias)?,
-                v: linear(p, &format!("{attn}.v_proj"), kv_dim, c, bias)?,
-                o: linear(p, &format!("{attn}.o_proj"), c, q_dim, bias)?,
+                q: p.linear(&format!("{attn}.q_proj"), q_dim, c, bias)?,
+                k: p.linear(&format!("{attn}.k_proj"), kv_dim, c, bias)?,
+                v: p.linear(&format!("{attn}.v_proj"), kv_dim, c, bias)?,
+                o: p.linear(&format!("{attn}.o_proj"), c, q_dim, bias)?,
                 q_norm: w("self_attn.q_norm", d)?,
                 k_norm: w("self_attn.k_norm", d)?,
                 post_attn_norm: w("post_attention_layernorm", c)?,
                 pre_ff_norm: w("pre_feedforward_layernorm", c)?,
                 post_ff_norm: w("post_feedforward_layernorm", c)?,
-                gate: linear(p, &format!("{mlp}.gate_proj"), i, c, false)?,
-                up: linear(p, &format!("{mlp}.up_proj"), i, c, false)?,
-                down: linear(p, &format!("{mlp}.down_proj"), c, i, false)?,
+                gate: p.linear(&format!("{mlp}.gate_proj"), i, c, false)?,
+                up: p.linear(&format!("{mlp}.up_proj"), i, c, false)?,
+                down: p.linear(&format!("{mlp}.down_proj"), c, i, false)?,
             }));
         }
         let norm = p.get("model.norm.weight", &[c])?;

@@ -219,8 +219,8 @@ pub fn parse_config(value: &Value, path: &Path, model_type: String) -> Result<Mo
         qkv_bias: c.attention_bias,
         o_bias: c.attention_bias,
         mlp_bias: false,
-        // Gemma 3 normalises q/k per head in its own decoder (gemma3.rs); the flag is informational.
-        qk_norm: true,
+        // The Llama decoder's switch; Gemma 3's decoder always applies its own q/k norm.
+        qk_norm: false,
         // The batch mask stays global; sliding layers narrow it themselves (see forward).
         sliding_window: None,
         gelu_tanh,

@@ -42,16 +42,6 @@ pub struct Llama {
     inv_freq: Vec<f32>,
 }
 
-fn linear(p: &ParamLoader, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let w = p.get(&format!("{name}.weight"), &[out, inp])?;
-    let b = if bias {
-        Some(p.get(&format!("{name}.bias"), &[out])?)
-    } else {
-        None
-    };
-    Ok(p.linear_module(name, Linear::new(w, b), inp, out))
-}
-
 impl Llama {
     pub fn load(cfg: &ModelConfig, p: &ParamLoader) -> Result<Self> {
         let (c, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
@@ -74,15 +64,15 @@ impl Llama {
             };
             layers.push(Arc::new(Layer {
                 input_norm: p.get(&format!("{pre}.input_layernorm.weight"), &[c])?,
-                q: linear(p, &format!("{attn}.q_proj"), q_dim, c, cfg.qkv_bias)?,
-                k: linear(p, &format!("{attn}.k_proj"), kv_dim, c, cfg.qkv_bias)?,
-                v: linear(p, &format!("{attn}.v_proj"), kv_dim, c, cfg.qkv_bias)?,
-                o: linear(p, &format!("{attn}.o_proj"), c, q_dim, cfg.o_bias)?,
+                q: p.linear(&format!("{attn}.q_proj"), q_dim, c, cfg.qkv_bias)?,
+                k: p.linear(&format!("{attn}.k_proj"), kv_dim, c, cfg.qkv_bias)?,
+                v: p.linear(&format!("{attn}.v_proj"), kv_dim, c, cfg.qkv_bias)?,
+                o: p.linear(&format!("{attn}.o_proj"), c, q_dim, cfg.o_bias)?,
                 qk_norm,
                 post_norm: p.get(&format!("{pre}.post_attention_layernorm.weight"), &[c])?,
-                gate: linear(p, &format!("{mlp}.gate_proj"), i, c, cfg.mlp_bias)?,
-                up: linear(p, &format!("{mlp}.up_proj"), i, c, cfg.mlp_bias)?,
-                down: linear(p, &format!("{mlp}.down_proj"), c, i, cfg.mlp_bias)?,
+                gate: p.linear(&format!("{mlp}.gate_proj"), i, c, cfg.mlp_bias)?,
+                up: p.linear(&format!("{mlp}.up_proj"), i, c, cfg.mlp_bias)?,
+                down: p.linear(&format!("{mlp}.down_proj"), c, i, cfg.mlp_bias)?,
             }));
         }
         let norm = p.get("model.norm.weight", &[c])?;

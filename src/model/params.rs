@@ -41,6 +41,18 @@ impl<'a> ParamLoader<'a> {
         }
     }
 
+    /// The linear module `name`: `{name}.weight` (out, inp) and, when `bias`, `{name}.bias`
+    /// (out), recorded for LoRA like [`Self::linear_module`].
+    pub fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.get(&format!("{name}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(self.get(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(self.linear_module(name, Linear::new(w, b), inp, out))
+    }
+
     /// Records a linear module (for LoRA targeting) and attaches its adapter, if any.
     pub fn linear_module(&self, path: &str, mut linear: Linear, inp: usize, out: usize) -> Linear {
         self.modules.borrow_mut().push(LinearModule {

@@ -241,11 +241,6 @@ pub struct Phi3 {
     lm_head: Tensor,
 }
 
-fn linear(p: &ParamLoader, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    let w = p.get(&format!("{name}.weight"), &[out, inp])?;
-    Ok(p.linear_module(name, Linear::new(w, None), inp, out))
-}
-
 impl Phi3 {
     pub fn load(cfg: &ModelConfig, p: &ParamLoader) -> Result<Self> {
         let FamilyExtra::Phi3(params) = &cfg.extra else {
@@ -263,11 +258,11 @@ impl Phi3 {
             let pre = format!("model.layers.{l}");
             layers.push(Arc::new(Layer {
                 input_norm: p.get(&format!("{pre}.input_layernorm.weight"), &[c])?,
-                qkv: linear(p, &format!("{pre}.self_attn.qkv_proj"), qkv_dim, c)?,
-                o: linear(p, &format!("{pre}.self_attn.o_proj"), c, q_dim)?,
+                qkv: p.linear(&format!("{pre}.self_attn.qkv_proj"), qkv_dim, c, false)?,
+                o: p.linear(&format!("{pre}.self_attn.o_proj"), c, q_dim, false)?,
                 post_norm: p.get(&format!("{pre}.post_attention_layernorm.weight"), &[c])?,
-                gate_up: linear(p, &format!("{pre}.mlp.gate_up_proj"), 2 * i, c)?,
-                down: linear(p, &format!("{pre}.mlp.down_proj"), c, i)?,
+                gate_up: p.linear(&format!("{pre}.mlp.gate_up_proj"), 2 * i, c, false)?,
+                down: p.linear(&format!("{pre}.mlp.down_proj"), c, i, false)?,
             }));
         }
         let norm = p.get("model.norm.weight", &[c])?;
