@@ -175,7 +175,7 @@ impl CustomOp3 for Attention {
                         max = max.max(*x);
                     }
                     for x in row.iter_mut() {
-                        *x = (*x - max).exp();
+                        *x = super::fused::exp_or_zero(*x - max);
                     }
                     let total = sum(row);
                     for x in row.iter_mut() {
