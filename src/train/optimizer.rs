@@ -287,19 +287,21 @@ mod tests {
     #[test]
     fn device_update_is_the_host_update_bit_for_bit() {
         let dev = Device::Cpu;
-        let init: Vec<f32> = (0..24)
-            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.173)
-            .collect();
+        // Small weights and a large step, so that one ulp of the update shows in the result,
+        // and gradients over six orders of magnitude.
+        let value = |i: usize, salt: usize| {
+            let x = ((i * 2_654_435_761 + salt * 40_503) % 10_007) as f32 / 10_007.0 - 0.5;
+            x * 10f32.powi(-(((i + salt) % 6) as i32))
+        };
         let make = || {
+            let w: Vec<f32> = (0..600).map(|i| 1e-3 * value(i, 1)).collect();
+            let b: Vec<f32> = (0..40).map(|i| 1e-3 * value(i, 2)).collect();
             vec![
                 (
                     "w.weight".to_string(),
-                    Var::from_vec(init[..12].to_vec(), (3, 4), &dev).unwrap(),
+                    Var::from_vec(w, (20, 30), &dev).unwrap(),
                 ),
-                (
-                    "w.bias".to_string(),
-                    Var::from_vec(init[12..].to_vec(), 12, &dev).unwrap(),
-                ),
+                ("w.bias".to_string(), Var::from_vec(b, 40, &dev).unwrap()),
             ]
         };
         let settings = || AdamWSettings {
@@ -318,15 +320,12 @@ mod tests {
             let grads: Vec<Tensor> = host_params
                 .iter()
                 .map(|(_, v)| {
-                    let n = v.elem_count();
-                    let g: Vec<f32> = (0..n)
-                        .map(|j| ((j * 7 + step * 3) % 5) as f32 * 0.31 - 0.6)
-                        .collect();
+                    let g: Vec<f32> = (0..v.elem_count()).map(|j| value(j, 3 + step)).collect();
                     Tensor::from_vec(g, v.shape(), &dev).unwrap()
                 })
                 .collect();
-            host.step(&host_params, &grads, 1e-2).unwrap();
-            device.step(&dev_params, &grads, 1e-2).unwrap();
+            host.step(&host_params, &grads, 0.1).unwrap();
+            device.step(&dev_params, &grads, 0.1).unwrap();
         }
         let bits = |t: &Tensor| -> Vec<u32> {
             t.flatten_all()
