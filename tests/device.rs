@@ -44,6 +44,37 @@ fn command_args(command: &str, out: &Path) -> Vec<String> {
             "--output-dir",
             &s(out),
         ]),
+        "eval" => v(&[
+            "eval",
+            "--model",
+            &model,
+            "--reference",
+            &model,
+            "--dataset",
+            &s(&fixture("tiny-llama/pref_test.jsonl")),
+            "--output-dir",
+            &s(out),
+        ]),
+        "lab" => v(&["lab", "logps", "--small", "--output-dir", &s(out)]),
+        "demo" => v(&["demo", "--small", "--output-dir", &s(out)]),
+        "bench" => v(&["bench", "--what", "matmul"]),
+        "grpo" => v(&[
+            "grpo",
+            "--model",
+            &model,
+            "--dataset",
+            &pref,
+            "--output-dir",
+            &s(out),
+            "--max-steps",
+            "1",
+            "--per-device-train-batch-size",
+            "2",
+            "--num-generations",
+            "2",
+            "--reward-funcs",
+            "length",
+        ]),
         method => {
             let data = if method == "sft" {
                 s(&fixture("tiny-llama/sft_train.jsonl"))
@@ -76,7 +107,7 @@ fn run(args: &[String]) -> std::process::Output {
 
 #[test]
 fn cuda_in_a_cpu_build_exits_2_with_a_hint_and_writes_nothing() {
-    for command in ["dpo", "sft", "logps", "generate", "merge"] {
+    for &command in COMMANDS {
         for device in ["cuda", "cuda:1"] {
             let dir = tempfile::tempdir().unwrap();
             let out = dir.path().join("out");
@@ -125,15 +156,11 @@ fn cuda_from_a_config_file_is_refused_before_the_run_folder() {
 
 #[test]
 fn malformed_devices_are_refused_listing_the_accepted_forms() {
-    for command in ["dpo", "logps", "merge", "bench"] {
+    for &command in COMMANDS {
         for bad in ["cuda:x", "gpu", "cuda:", "CPU"] {
             let dir = tempfile::tempdir().unwrap();
             let out = dir.path().join("out");
-            let mut args = if command == "bench" {
-                vec!["bench".to_string()]
-            } else {
-                command_args(command, &out)
-            };
+            let mut args = command_args(command, &out);
             args.extend(["--device".to_string(), bad.to_string()]);
             let result = run(&args);
             let err = stderr(&result);
