@@ -57,21 +57,23 @@ pub fn check_merge_output(
     Ok(())
 }
 
-/// Merges into a fresh folder (refuses one that holds a model).
+/// Merges into a fresh folder (refuses one that holds a model), on the CPU.
 pub fn merge(model_dir: &Path, adapter_dir: &Path, output_dir: &Path) -> Result<()> {
-    merge_with(model_dir, adapter_dir, output_dir, false)
+    merge_with(model_dir, adapter_dir, output_dir, false, &Device::Cpu)
 }
 
+/// Merges on `device` (base, adapters and products there; the result is written from the
+/// host), into `output_dir` unless it holds a model and `overwrite` is off.
 pub fn merge_with(
     model_dir: &Path,
     adapter_dir: &Path,
     output_dir: &Path,
     overwrite: bool,
+    device: &Device,
 ) -> Result<()> {
     check_merge_output(model_dir, adapter_dir, output_dir, overwrite)?;
-    let device = Device::Cpu;
-    let (base, _) = load_model(model_dir, &device)?;
-    let (_, adapters) = load_adapter(adapter_dir, base.linear_modules(), &device)?;
+    let (base, _) = load_model(model_dir, device)?;
+    let (_, adapters) = load_adapter(adapter_dir, base.linear_modules(), device)?;
     let conv1d = base.config.family == Family::Gpt2;
     let progress = Progress::new("merge", "tensor", base.params().len() as u64);
     progress.println(format!(

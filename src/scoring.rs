@@ -128,7 +128,7 @@ fn score_chunk(
             tokenizer.pad_id,
             model.config.sliding_window,
             &[],
-            &Device::Cpu,
+            model.device(),
         )?;
         score(model, &batch)?.seq_logps.to_vec1()?
     };

@@ -117,6 +117,7 @@ fn eval_args(model: &std::path::Path, out: &std::path::Path, judge: Judge) -> Ev
         judge,
         pairwise: false,
         output_dir: out.to_path_buf(),
+        device: candle_core::Device::Cpu,
     }
 }
 

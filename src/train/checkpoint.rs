@@ -37,6 +37,10 @@ pub struct TrainerState {
     /// What a resume must match (absent in checkpoints of older versions).
     #[serde(default)]
     pub run: Option<RunIdentity>,
+    /// The device that trained up to here (`cpu`, `cuda:0`). A resume may use another one:
+    /// it is reported, never refused. Absent in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> LeashError {
@@ -94,16 +98,18 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
     save_weights(&tmp)?;
+    // Moments come to the host to be written, wherever training keeps them.
     let mut moments = HashMap::new();
-    for ((name, var), m) in vars.iter().zip(&opt.moments) {
+    for ((name, var), mo) in vars.iter().zip(&opt.moments) {
         let shape = var.shape();
+        let (m, v) = mo.to_host()?;
         moments.insert(
             format!("{name}.exp_avg"),
-            Tensor::from_slice(&m.m, shape, &Device::Cpu)?,
+            Tensor::from_vec(m, shape, &Device::Cpu)?,
         );
         moments.insert(
             format!("{name}.exp_avg_sq"),
-            Tensor::from_slice(&m.v, shape, &Device::Cpu)?,
+            Tensor::from_vec(v, shape, &Device::Cpu)?,
         );
     }
     let opt_path = tmp.join("optimizer.safetensors");
@@ -163,7 +169,12 @@ pub fn load_checkpoint(
     } else {
         "model.safetensors"
     };
-    let weights = candle_core::safetensors::load(dir.join(file), &Device::Cpu)
+    // Read onto the device training runs on, whichever device wrote the checkpoint: a run
+    // may resume on another device (the files hold plain host tensors).
+    let device = vars
+        .first()
+        .map_or(Device::Cpu, |(_, v)| v.device().clone());
+    let weights = candle_core::safetensors::load(dir.join(file), &device)
         .map_err(|e| LeashError::file(dir, format!("cannot read {file}: {e}"), hint))?;
     let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
         .map_err(|e| {
@@ -196,8 +207,7 @@ pub fn load_checkpoint(
         let v = moments
             .get(&format!("{name}.exp_avg_sq"))
             .ok_or_else(|| missing("exp_avg_sq"))?;
-        opt.moments[i].m = m.flatten_all()?.to_vec1()?;
-        opt.moments[i].v = v.flatten_all()?.to_vec1()?;
+        opt.moments[i].restore(m, v, var.device())?;
     }
     opt.step = raw
         .get("optimizer_step")
