@@ -7,6 +7,9 @@
 
 mod common;
 use common::logps_check::{compare, golden_rows, run_logps_with};
+use common::train_check::check_against_golden;
+use leash::device::DeviceChoice;
+use leash::train::config::Method;
 
 /// Fails the test, saying why, when CUDA device 0 cannot be opened.
 fn require_gpu() {
@@ -41,4 +44,18 @@ fn logps_on_the_gpu_match_the_goldens_and_the_cpu() {
         let on_cpu = run_logps_with(model, data, &["--device", "cpu"]);
         compare(&on_gpu, &on_cpu, &format!("{model} on cuda vs cpu"));
     }
+}
+
+/// Every TRL golden trajectory (SFT, DPO, IPO, KTO, ORPO; 30 steps) on the GPU in f32, with the
+/// CPU's tolerances.
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn trl_golden_trajectories_on_the_gpu() {
+    require_gpu();
+    let gpu = Some(DeviceChoice::Cuda(0));
+    check_against_golden(Method::Sft, "sft_train.jsonl", "sft", None, gpu);
+    check_against_golden(Method::Dpo, "pref_train.jsonl", "dpo", None, gpu);
+    check_against_golden(Method::Dpo, "pref_train.jsonl", "ipo", Some("ipo"), gpu);
+    check_against_golden(Method::Kto, "kto_train.jsonl", "kto", None, gpu);
+    check_against_golden(Method::Orpo, "pref_train.jsonl", "orpo", None, gpu);
 }
