@@ -22,8 +22,8 @@ use crate::train::config::Method;
 use crate::train::grads::GradAccumulator;
 use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 
-/// The bench config of ../shared/notes/candle-training.md, and SmolLM-135M- and
-/// Qwen2.5-0.5B-shaped models.
+/// The bench config of ../shared/notes/candle-training.md, and SmolLM-135M-, Qwen2.5-0.5B- and
+/// Llama-3.2-1B-shaped models (the shapes TRL was timed on in ../shared/notes/cuda.md).
 pub fn shape(name: &str) -> Result<ModelConfig> {
     let json = match name {
         "bench" => {
@@ -35,10 +35,13 @@ pub fn shape(name: &str) -> Result<ModelConfig> {
         "qwen2.5-0.5b" => {
             r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"tie_word_embeddings":true,"rope_theta":1000000.0}"#
         }
+        "llama3.2-1b" => {
+            r#"{"model_type":"llama","vocab_size":128256,"hidden_size":2048,"intermediate_size":8192,"num_hidden_layers":16,"num_attention_heads":32,"num_key_value_heads":8,"head_dim":64,"tie_word_embeddings":true,"rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192},"max_position_embeddings":131072,"rms_norm_eps":1e-5}"#
+        }
         other => {
             return Err(crate::LeashError::usage(
                 format!("unknown bench shape `{other}`"),
-                "valid shapes: bench, smollm-135m, qwen2.5-0.5b",
+                "valid shapes: bench, smollm-135m, qwen2.5-0.5b, llama3.2-1b",
             ))
         }
     };
@@ -370,4 +373,23 @@ pub use crate::runtime::peak_rss_mib;
 fn with_rss(mut v: serde_json::Value) -> serde_json::Value {
     v["peak_rss_mib"] = json!(peak_rss_mib());
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_2_1b_shape_has_the_real_models_matrices() {
+        // Llama-3.2-1B by hand: 16 layers × (q 2048² + k, v 2048·512 + o 2048² + 3 · 2048·8192)
+        // plus the tied head 128,256 · 2048 = 1,235,746,816 (the model card's 1.24 B, less
+        // the norms).
+        let cfg = shape("llama3.2-1b").unwrap();
+        assert_eq!(cfg.matmul_params(), 1_235_746_816);
+        assert_eq!(cfg.head_dim, 64);
+        assert!(cfg.tie_word_embeddings);
+        // Qwen2.5-0.5B: 24 × (896² · 2 + 2 · 896·128 + 3 · 896·4864) + 151,936 · 896.
+        assert_eq!(shape("qwen2.5-0.5b").unwrap().matmul_params(), 493_961_216);
+        assert!(shape("llama-7b").is_err());
+    }
 }

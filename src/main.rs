@@ -153,7 +153,8 @@ enum Command {
     },
     /// Measure throughput (tokens/s, GFLOP/s) of the hot paths on a random model.
     Bench {
-        /// Model shape: bench (the notes' 5.3 M-parameter Llama), smollm-135m or qwen2.5-0.5b.
+        /// Model shape: bench (the notes' 5.3 M-parameter Llama), smollm-135m, qwen2.5-0.5b or
+        /// llama3.2-1b.
         #[arg(long, default_value = "bench")]
         shape: String,
         /// What to time: matmul (the ceiling), forward, train (forward+backward, SFT step), dpo
