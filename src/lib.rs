@@ -12,6 +12,7 @@ pub mod lab;
 pub mod loss;
 pub mod merge;
 pub mod model;
+pub mod model_io;
 pub mod progress;
 pub mod report;
 pub mod runtime;

@@ -444,7 +444,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => {
             let device = device.open()?;
-            let (decoder, tokenizer) = leash::scoring::load_model(&model, &device)?;
+            let (decoder, tokenizer) = leash::model_io::load_model(&model, &device)?;
             let rows = leash::data::dataset::read_rows(&dataset, None)?.len();
             let progress = leash::progress::Progress::new("logps", "row", rows as u64);
             let stdout = std::io::stdout();

@@ -7,11 +7,11 @@ use std::path::Path;
 use candle_core::{Device, Var};
 
 use crate::error::{LeashError, Result};
-use crate::model::lora::load_adapter;
 use crate::model::Family;
+use crate::model_io::load_adapter;
+use crate::model_io::load_model;
+use crate::model_io::save_model;
 use crate::progress::Progress;
-use crate::scoring::load_model;
-use crate::train::checkpoint::save_model;
 
 /// Files whose presence means `dir` holds a model or a training run.
 const OCCUPIED_BY: &[&str] = &[

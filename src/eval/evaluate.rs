@@ -29,10 +29,11 @@ use crate::data::read::Example;
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{LeashError, Result};
 use crate::loss::logps::score;
-use crate::model::lora::load_adapter;
 use crate::model::Decoder;
+use crate::model_io::load_adapter;
+use crate::model_io::load_model;
 use crate::progress::Progress;
-use crate::scoring::{load_model, score_dataset};
+use crate::scoring::score_dataset;
 
 /// What `kl`, `kl_k3` and `kl_unbiased` in eval's report mean (written into the report).
 pub const KL_NOTE: &str = "kl is the mean over samples y ~ π of log π(y|x) − log π_ref(y|x), summed over \

@@ -1,5 +1,5 @@
-//! Checkpoints in Hugging Face layout (model.safetensors + config.json + tokenizer files,
-//! loadable by transformers) plus optimizer moments and trainer state for resuming.
+//! Training checkpoints: the model in Hugging Face layout (src/model_io, loadable by transformers)
+//! plus optimizer moments and trainer state for resuming.
 //! Each checkpoint is written to a temporary folder and renamed into place, so a folder named
 //! `checkpoint-N` is always complete.
 
@@ -12,15 +12,6 @@ use serde::{Deserialize, Serialize};
 use super::optimizer::AdamW;
 use super::resume_check::RunIdentity;
 use crate::error::{read_text, LeashError, Result};
-
-/// Files copied from the source model folder so the checkpoint loads on its own.
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-];
 
 /// Where training stands; enough to continue the same trajectory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,39 +40,6 @@ fn io(path: &Path, e: std::io::Error) -> LeashError {
         e,
         "check the output folder is writable and the disk has space",
     )
-}
-
-/// Writes the model's weights, config and tokenizer files into `dir` (created if needed).
-pub fn save_model(dir: &Path, source_model: &Path, vars: &[(String, Var)]) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let tensors: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect();
-    let path = dir.join("model.safetensors");
-    crate::files::save_safetensors(&tensors, &path)?;
-    let config_path = source_model.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&read_text(&config_path)?)
-        .map_err(|e| LeashError::file(&config_path, e.to_string(), "re-save the model"))?;
-    // We save f32 weights whatever the source dtype was.
-    for key in ["torch_dtype", "dtype"] {
-        if config.get(key).is_some() {
-            config[key] = "float32".into();
-        }
-    }
-    let out = dir.join("config.json");
-    std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&config).unwrap_or_default(),
-    )
-    .map_err(|e| io(&out, e))?;
-    for name in TOKENIZER_FILES {
-        let src = source_model.join(name);
-        if src.exists() {
-            std::fs::copy(&src, dir.join(name)).map_err(|e| io(&src, e))?;
-        }
-    }
-    Ok(())
 }
 
 /// Writes `output_dir/checkpoint-{step}` atomically and returns its path.

@@ -23,7 +23,7 @@ use super::grads::GradAccumulator;
 use super::method_options::LossType;
 use super::metrics::{human_line, Accumulator, MetricsLog};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
-use super::policy::{build_policy, save_weights, Policy};
+use super::policy::{build_policy, Policy};
 use super::schedule::{lr_factor, warmup_steps};
 use super::trainer::{
     checkpoint_or_stop, initial_state, install_ctrl_c, open_run, write_config, TrainSummary,
@@ -41,7 +41,8 @@ use crate::loss::grpo::{advantages, grpo_loss, GrpoInputs, GrpoOptions, ScaleRew
 use crate::loss::logps::score_at_temperature;
 use crate::model::frozen_dtype::FrozenDtype;
 use crate::model::Decoder;
-use crate::scoring::load_model_as;
+use crate::model_io::load_model_as;
+use crate::model_io::save_weights;
 
 /// One prompt of the data set: rendered text, ids, and the row's columns (for reward commands).
 pub struct PromptRow {

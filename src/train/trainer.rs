@@ -17,7 +17,7 @@ use super::examples::{prepare_with, Prepared, TrainExample};
 use super::method_options::LossType;
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
 use super::optimizer::AdamW;
-use super::policy::{build_policy, save_weights, Policy};
+use super::policy::{build_policy, Policy};
 use super::reference::reference_cache;
 use super::resume_check::{check_resume, RunIdentity};
 use super::run_dir::{prepare_output_dir, prune_checkpoints, trim_metrics};
@@ -28,8 +28,9 @@ use crate::error::{LeashError, Result};
 use crate::loss::dpo::DpoLossType;
 use crate::model::frozen_dtype::FrozenDtype;
 use crate::model::Decoder;
+use crate::model_io::load_model_as;
+use crate::model_io::save_weights;
 use crate::progress::Progress;
-use crate::scoring::load_model_as;
 
 type RefCache = HashMap<usize, RefLogps>;
 
