@@ -69,6 +69,11 @@ impl LeashError {
         }
     }
 
+    /// True for a write to a closed pipe (`leash logps ... | head`): the reader's choice.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, LeashError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+
     pub fn file(path: &Path, message: impl Into<String>, hint: impl Into<String>) -> Self {
         LeashError::File {
             path: path.to_path_buf(),
@@ -110,4 +115,18 @@ pub fn read_text(path: &Path) -> Result<String> {
             "save the file as UTF-8",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_closed_pipe_is_a_broken_pipe() {
+        let io = |kind| LeashError::io(Path::new("<stdout>"), std::io::Error::from(kind), "h");
+        assert!(io(std::io::ErrorKind::BrokenPipe).is_broken_pipe());
+        assert!(!io(std::io::ErrorKind::PermissionDenied).is_broken_pipe());
+        // A message that merely mentions a broken pipe is not one.
+        assert!(!LeashError::file(Path::new("x"), "Broken pipe", "h").is_broken_pipe());
+    }
 }

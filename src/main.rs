@@ -243,12 +243,7 @@ impl SamplingArgs {
 }
 
 fn train(method: Method, args: &TrainArgs) -> anyhow::Result<()> {
-    let cfg = resolve(method, args)?;
-    let summary = if method == Method::Grpo {
-        leash::train::grpo::train(&cfg)?
-    } else {
-        leash::train::trainer::train(&cfg)?
-    };
+    let summary = leash::train::run(&resolve(method, args)?)?;
     eprintln!(
         "done: {} steps, final loss {}; model and metrics.jsonl in {}",
         summary.steps,
@@ -258,6 +253,17 @@ fn train(method: Method, args: &TrainArgs) -> anyhow::Result<()> {
         summary.output_dir.display()
     );
     Ok(())
+}
+
+/// Writes one JSON line to stdout; a closed pipe becomes an I/O error `main` recognises.
+fn print_line(out: &mut impl Write, obj: &serde_json::Value) -> leash::Result<()> {
+    writeln!(out, "{obj}").map_err(|e| {
+        leash::LeashError::io(
+            std::path::Path::new("<stdout>"),
+            e,
+            "is the output pipe closed?",
+        )
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -330,15 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
-            generate_command(&args, |obj| {
-                writeln!(out, "{obj}").map_err(|e| {
-                    leash::LeashError::io(
-                        std::path::Path::new("<stdout>"),
-                        e,
-                        "is the output pipe closed?",
-                    )
-                })
-            })?;
+            generate_command(&args, |obj| print_line(&mut out, &obj))?;
         }
         Command::Eval {
             model,
@@ -357,24 +355,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => {
             let device = device.open()?;
-            let judge = match judge_cmd {
-                Some(cmd) => Judge::Command {
-                    cmd,
-                    timeout: std::time::Duration::from_secs(judge_timeout),
-                },
-                None => {
-                    if !leash::eval::judge::BUILTIN_JUDGES.contains(&judge.as_str()) {
-                        anyhow::bail!(leash::LeashError::usage(
-                            format!("unknown judge `{judge}`"),
-                            format!(
-                                "built-in judges: {}; or pass --judge-cmd",
-                                leash::eval::judge::BUILTIN_JUDGES.join(", ")
-                            )
-                        ));
-                    }
-                    Judge::Builtin(judge)
-                }
-            };
+            let timeout = std::time::Duration::from_secs(judge_timeout);
+            let judge = Judge::from_options(&judge, judge_cmd, timeout)?;
             let args = EvalArgs {
                 model: &model,
                 adapter: adapter.as_deref(),
@@ -444,28 +426,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => {
             let device = device.open()?;
-            let (decoder, tokenizer) = leash::model_io::load_model(&model, &device)?;
-            let rows = leash::data::dataset::read_rows(&dataset, None)?.len();
-            let progress = leash::progress::Progress::new("logps", "row", rows as u64);
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
-            leash::scoring::score_dataset(
-                &decoder,
-                &tokenizer,
-                &dataset,
-                Some(max_length),
-                |obj| {
-                    progress.inc(1);
-                    writeln!(out, "{obj}").map_err(|e| {
-                        leash::LeashError::io(
-                            std::path::Path::new("<stdout>"),
-                            e,
-                            "is the output pipe closed?",
-                        )
-                    })
-                },
-            )?;
-            progress.finish();
+            leash::scoring::logps_command(&model, &dataset, max_length, &device, |obj| {
+                print_line(&mut out, &obj)
+            })?;
         }
     }
     Ok(())
@@ -515,7 +480,12 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // A closed pipe (`leash logps ... | head`) is the reader's choice, not an error.
-        Err(e) if format!("{e}").contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(e)
+            if e.downcast_ref::<leash::LeashError>()
+                .is_some_and(leash::LeashError::is_broken_pipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         // Ctrl-C: the shell convention (128 + SIGINT), a plain message and the resume hint.
         Err(e) => match e.downcast_ref::<leash::LeashError>() {
             Some(leash::LeashError::Interrupted { message, hint }) => {

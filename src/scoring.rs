@@ -9,13 +9,44 @@ use serde_json::{json, Value};
 use crate::data::collate::collate;
 use crate::data::dataset::read_rows;
 use crate::data::encode::{Encoded, EncodedRow, Encoder, PromptCompletion, Sequence, Style};
+use crate::data::read::Row;
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::Result;
 use crate::loss::logps::score;
 use crate::model::Decoder;
+use crate::model_io::load_model;
+use crate::progress::Progress;
+use candle_core::Device;
 
 /// Sequences scored per forward pass.
 const SCORE_BATCH: usize = 16;
+
+/// `leash logps`: loads the model in `model_dir` onto `device` and scores each row of
+/// `dataset` (read once), calling `emit` with one JSON object per row, in order, with progress.
+pub fn logps_command(
+    model_dir: &Path,
+    dataset: &Path,
+    max_length: usize,
+    device: &Device,
+    mut emit: impl FnMut(Value) -> Result<()>,
+) -> Result<()> {
+    let (model, tokenizer) = load_model(model_dir, device)?;
+    let rows = read_rows(dataset, None)?;
+    let progress = Progress::new("logps", "row", rows.len() as u64);
+    score_rows(
+        &model,
+        &tokenizer,
+        dataset,
+        &rows,
+        Some(max_length),
+        |obj| {
+            progress.inc(1);
+            emit(obj)
+        },
+    )?;
+    progress.finish();
+    Ok(())
+}
 
 /// Scores each row of `dataset`, calling `emit` with one JSON object per row, in order.
 pub fn score_dataset(
@@ -23,16 +54,28 @@ pub fn score_dataset(
     tokenizer: &TextTokenizer,
     dataset: &Path,
     max_length: Option<usize>,
-    mut emit: impl FnMut(Value) -> Result<()>,
+    emit: impl FnMut(Value) -> Result<()>,
 ) -> Result<()> {
     let rows = read_rows(dataset, None)?;
+    score_rows(model, tokenizer, dataset, &rows, max_length, emit)
+}
+
+/// Scores `rows`, read from `dataset` (named in errors).
+fn score_rows(
+    model: &Decoder,
+    tokenizer: &TextTokenizer,
+    dataset: &Path,
+    rows: &[Row],
+    max_length: Option<usize>,
+    mut emit: impl FnMut(Value) -> Result<()>,
+) -> Result<()> {
     let encoder = Encoder {
         tokenizer,
         style: Style::Trl,
         path: dataset,
         assistant_only_loss: false,
     };
-    let encoded = encoder.encode_rows(&rows)?;
+    let encoded = encoder.encode_rows(rows)?;
     for chunk in encoded.chunks(SCORE_BATCH / 2) {
         for obj in score_chunk(model, tokenizer, chunk, max_length)? {
             emit(obj)?;

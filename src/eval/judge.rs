@@ -23,6 +23,26 @@ pub enum Judge {
     Command { cmd: String, timeout: Duration },
 }
 
+impl Judge {
+    /// The judge the options name: `--judge-cmd` (an external command, killed after
+    /// `timeout`) when given, else the built-in `--judge`, which must exist.
+    pub fn from_options(builtin: &str, cmd: Option<String>, timeout: Duration) -> Result<Judge> {
+        if let Some(cmd) = cmd {
+            return Ok(Judge::Command { cmd, timeout });
+        }
+        if !BUILTIN_JUDGES.contains(&builtin) {
+            return Err(LeashError::usage(
+                format!("unknown judge `{builtin}`"),
+                format!(
+                    "built-in judges: {}; or pass --judge-cmd",
+                    BUILTIN_JUDGES.join(", ")
+                ),
+            ));
+        }
+        Ok(Judge::Builtin(builtin.to_string()))
+    }
+}
+
 /// One prompt/completion to score.
 pub struct Item<'a> {
     pub prompt: &'a str,
@@ -350,6 +370,27 @@ impl Judge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn judge_options_pick_the_command_or_a_known_builtin() {
+        let t = Duration::from_secs(3);
+        assert!(matches!(
+            Judge::from_options("nope", Some("./judge.sh".into()), t),
+            Ok(Judge::Command { cmd, timeout }) if cmd == "./judge.sh" && timeout == t
+        ));
+        assert!(matches!(
+            Judge::from_options("polite", None, t),
+            Ok(Judge::Builtin(name)) if name == "polite"
+        ));
+        let err = Judge::from_options("nope", None, t)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("unknown judge `nope`") && err.contains("--judge-cmd"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn builtin_rules() {

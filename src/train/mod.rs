@@ -17,3 +17,17 @@ pub mod schedule;
 pub mod step;
 pub mod trainer;
 pub mod update;
+
+use crate::error::Result;
+use config::{Method, TrainConfig};
+use trainer::TrainSummary;
+
+/// Trains as `cfg` says: GRPO's online loop (sampling, rewards, learning) or the offline loop
+/// every other method shares (SFT, DPO and its loss types, KTO, ORPO).
+pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
+    if cfg.method == Method::Grpo {
+        grpo::train(cfg)
+    } else {
+        trainer::train(cfg)
+    }
+}
