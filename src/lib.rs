@@ -7,6 +7,7 @@ pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod files;
+pub mod kernels;
 pub mod lab;
 pub mod loss;
 pub mod merge;
