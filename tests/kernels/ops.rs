@@ -376,7 +376,7 @@ fn lora_linear() {
                 "lora_linear (transposed {transposed}, dropout {})",
                 dropout.is_some()
             );
-            check(&what, &[&x, &a, &b], &fused, &comp);
+            check(&what, &[&x, &a, &b], fused, comp);
             for y in [fused(), comp()] {
                 let store = y.sum_all().unwrap().backward().unwrap();
                 assert!(
