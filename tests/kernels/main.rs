@@ -3,6 +3,8 @@
 //! - ops.rs: each op's forward and gradients, fused vs composed (masks, padding and
 //!   grouped-query heads for attention; LoRA with and without dropout), frozen weights getting
 //!   no gradient on both paths, and the dispatch following `kernels::choice`.
+//! - dispatch.rs: the dispatching functions run the CPU kernel by default and the composed
+//!   path under `kernels::force_composed`.
 //! - models.rs: whole models (Llama, Qwen2, GPT-2, Gemma 3, Phi-3 fixtures) with the composed
 //!   path forced: log-probs and the gradients of one DPO step (full and LoRA) equal the
 //!   default path's, and gradient checkpointing stays exact on the composed path.
@@ -15,11 +17,14 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod dispatch;
 mod models;
 mod ops;
 mod trap;
 
 use candle_core::{DType, Device, Tensor};
+use leash::model::config::RopeScaling;
+use leash::model::ops::{rope_inv_freq, rope_tables};
 
 /// Seeded zero-mean noise of standard deviation `std` (uniform, so tests are repeatable).
 pub fn noise(shape: &[usize], std: f32, seed: u64) -> Tensor {
@@ -49,4 +54,15 @@ pub fn max_abs(t: &Tensor) -> f64 {
 /// max |a − b| relative to max(|b|, `floor`): the error measure every comparison uses.
 pub fn rel_diff(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
     max_abs_diff(a, b) / max_abs(b).max(floor)
+}
+
+/// cos, sin tables (b, 1, t, d) for positions offset per row (as packed rows have them).
+pub fn rope_tables_for(b: usize, t: usize, d: usize) -> (Tensor, Tensor) {
+    let inv_freq = rope_inv_freq(d, 10_000.0, &RopeScaling::None);
+    let positions: Vec<u32> = (0..b * t).map(|i| (i % t + 3 * (i / t)) as u32).collect();
+    let (cos, sin) = rope_tables(&positions, &inv_freq, &Device::Cpu).unwrap();
+    (
+        cos.reshape((b, 1, t, d)).unwrap(),
+        sin.reshape((b, 1, t, d)).unwrap(),
+    )
 }
