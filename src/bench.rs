@@ -22,8 +22,8 @@ use crate::train::config::Method;
 use crate::train::grads::GradAccumulator;
 use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 
-/// The bench config of ../shared/notes/candle-training.md, and SmolLM-135M- and
-/// Qwen2.5-0.5B-shaped models.
+/// The bench config of ../shared/notes/candle-training.md, and SmolLM-135M-, Qwen2.5-0.5B- and
+/// Llama-3.2-1B-shaped models (the shapes TRL was timed on in ../shared/notes/cuda.md).
 pub fn shape(name: &str) -> Result<ModelConfig> {
     let json = match name {
         "bench" => {
@@ -35,17 +35,20 @@ pub fn shape(name: &str) -> Result<ModelConfig> {
         "qwen2.5-0.5b" => {
             r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"tie_word_embeddings":true,"rope_theta":1000000.0}"#
         }
+        "llama3.2-1b" => {
+            r#"{"model_type":"llama","vocab_size":128256,"hidden_size":2048,"intermediate_size":8192,"num_hidden_layers":16,"num_attention_heads":32,"num_key_value_heads":8,"head_dim":64,"tie_word_embeddings":true,"rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192},"max_position_embeddings":131072,"rms_norm_eps":1e-5}"#
+        }
         other => {
             return Err(crate::LeashError::usage(
                 format!("unknown bench shape `{other}`"),
-                "valid shapes: bench, smollm-135m, qwen2.5-0.5b",
+                "valid shapes: bench, smollm-135m, qwen2.5-0.5b, llama3.2-1b",
             ))
         }
     };
     ModelConfig::from_json_str(json, std::path::Path::new("<bench shape>"))
 }
 
-fn random_model(cfg: &ModelConfig) -> Result<Decoder> {
+fn random_model(cfg: &ModelConfig, device: &Device) -> Result<Decoder> {
     let init = RandomInit {
         seed: 1,
         std: 0.02,
@@ -53,7 +56,7 @@ fn random_model(cfg: &ModelConfig) -> Result<Decoder> {
         bias_std: 0.0,
         dtype: DType::F32,
     };
-    Decoder::from_weights(cfg.clone(), &Weights::random(init, &Device::Cpu))
+    Decoder::from_weights(cfg.clone(), &Weights::random(init, device))
 }
 
 fn flops_forward(cfg: &ModelConfig, seqs: usize, t: usize) -> f64 {
@@ -70,13 +73,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Times `f` once to warm up, then `steps` times; returns the median seconds.
-fn time(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Times `f` once to warm up, then `steps` times; returns the median seconds. Each run waits
+/// for `device` to finish its queued work (a GPU runs asynchronously), so the time is the work's.
+fn time(steps: usize, device: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
+    device.synchronize()?;
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps {
         let start = Instant::now();
         f()?;
+        device.synchronize()?;
         times.push(start.elapsed().as_secs_f64());
     }
     Ok(median(times))
@@ -102,13 +108,14 @@ fn token_sequences(
 /// Runs the measurements of `what` (matmul, forward, train, dpo, generate, grpo, all,
 /// dpo-lora) on `shape_name`; the DPO steps (dpo, dpo-lora) use `pairs` preference pairs, and
 /// the trained policies checkpoint their layers if `checkpointing`. Training figures carry
-/// the matmul ceiling measured first.
+/// the matmul ceiling measured first. Everything runs on `device`.
 pub fn run(
     shape_name: &str,
     what: &str,
     steps: usize,
     pairs: usize,
     checkpointing: bool,
+    device: &Device,
     mut emit: impl FnMut(serde_json::Value),
 ) -> Result<()> {
     const WHATS: &[&str] = &[
@@ -122,26 +129,27 @@ pub fn run(
     }
     let cfg = shape(shape_name)?;
     let threads = candle_core::utils::get_num_threads();
+    let where_ = crate::device::DeviceChoice::of(device).to_string();
     let is = |w: &str| what == w || what == "all";
     let ceiling = if what == "generate" || what == "grpo" {
         None
     } else {
-        let c = ceiling::matmul_ceiling(&cfg)?;
+        let c = ceiling::matmul_ceiling(&cfg, device)?;
         emit(
             json!({"bench": "matmul ceiling", "shape": shape_name, "threads": threads,
-            "tokens_per_s": 0.0, "gflops_per_s": c}),
+            "device": where_, "tokens_per_s": 0.0, "gflops_per_s": c}),
         );
         Some(c)
     };
     if what == "matmul" {
         return Ok(());
     }
-    let base = random_model(&cfg)?;
-    let device = Device::Cpu;
+    let base = random_model(&cfg, device)?;
     let report = |name: &str, secs: f64, tokens: usize, flops: f64| {
         let gflops = flops / secs / 1e9;
         json!({
-            "bench": name, "shape": shape_name, "threads": threads, "seconds_per_step": secs,
+            "bench": name, "shape": shape_name, "threads": threads, "device": where_,
+            "seconds_per_step": secs,
             "tokens_per_step": tokens, "tokens_per_s": tokens as f64 / secs,
             "gflops_per_s": gflops, "matmul_ceiling_gflops": ceiling,
             "fraction_of_ceiling": ceiling.map(|c| gflops / c),
@@ -151,8 +159,8 @@ pub fn run(
         // 8 sequences × 256 tokens, every token scored (log-softmax + gather included).
         let seqs = token_sequences(cfg.vocab_size, 8, 1, 255, 0);
         let refs: Vec<&Sequence> = seqs.iter().collect();
-        let batch = collate(&refs, 0, None, &[], &device)?;
-        let secs = time(steps, || {
+        let batch = collate(&refs, 0, None, &[], device)?;
+        let secs = time(steps, device, || {
             score(&base, &batch)?.seq_logps.to_vec1::<f32>()?;
             Ok(())
         })?;
@@ -164,14 +172,14 @@ pub fn run(
         policy.set_gradient_checkpointing(checkpointing);
         // forward + backward of the same 8 × 256 fully scored tokens, no optimizer.
         let seqs = token_sequences(cfg.vocab_size, 8, 1, 255, 0);
-        let batch = steps::layout(&seqs, false)?;
+        let batch = steps::layout(&seqs, false, device)?;
         let secs = steps::time_forward_backward(&policy, &batch, steps)?;
         let flops = 3.0 * steps::forward_flops(&cfg, &batch);
         emit(with_rss(report("forward+backward", secs, 8 * 256, flops)));
         // SFT: 8 × (128-token prompt + 128-token completion), prompt masked, clip + AdamW.
         let seqs = token_sequences(cfg.vocab_size, 8, 128, 128, 0);
         let sft = steps::config(Method::Sft, true)?;
-        let batch = steps::layout(&seqs, true)?;
+        let batch = steps::layout(&seqs, true, device)?;
         let examples = steps::examples(&seqs, true);
         let secs = steps::time_train_step(&sft, &policy, &vars, None, &examples, steps)?;
         let flops = 3.0 * steps::forward_flops(&cfg, &batch);
@@ -186,7 +194,7 @@ pub fn run(
         let examples = steps::examples(&seqs, false);
         for padding_free in [false, true] {
             let dpo = steps::config(Method::Dpo, padding_free)?;
-            let batch = steps::layout(&seqs, padding_free)?;
+            let batch = steps::layout(&seqs, padding_free, device)?;
             let fwd = steps::forward_flops(&cfg, &batch);
             for live in [false, true] {
                 let reference = if live { Some(&base) } else { None };
@@ -222,7 +230,7 @@ pub fn run(
             max_new_tokens: 128,
         };
         for (name, cached) in [("generate(kv cache)", true), ("generate(recompute)", false)] {
-            let secs = time(steps.min(2), || {
+            let secs = time(steps.min(2), device, || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(0);
                 generate(&base, &prompt, 4, &opt, &[], &mut rng, cached)?;
                 Ok(())
@@ -249,11 +257,11 @@ pub fn run(
         // base model with the adapter off (one copy of the weights in memory).
         let modules = base.linear_modules().to_vec();
         let targets = select_targets(&modules, &TargetModules::from_cli("all-linear"))?;
-        let (vars, adapters) = init_adapters(&targets, 16, 32.0, 0.0, 1, &device)?;
+        let (vars, adapters) = init_adapters(&targets, 16, 32.0, 0.0, 1, device)?;
         let mut policy = base.with_adapters(&adapters)?;
         policy.set_gradient_checkpointing(checkpointing);
         let seqs = steps::pair_sequences(cfg.vocab_size, pairs, 128, 128);
-        let batch = steps::layout(&seqs, true)?;
+        let batch = steps::layout(&seqs, true, device)?;
         let dpo = steps::config(Method::Dpo, true)?;
         let examples = steps::examples(&seqs, false);
         let secs = steps::time_train_step(&dpo, &policy, &vars, Some(&base), &examples, steps)?;
@@ -281,7 +289,7 @@ fn time_grpo_step(base: &Decoder, cfg: &ModelConfig, steps: usize) -> Result<(f6
         advantages, grpo_loss, GrpoInputs, GrpoLossType, GrpoOptions, ScaleRewards,
     };
     use rand::SeedableRng;
-    let device = Device::Cpu;
+    let device = base.device();
     let (policy, vars) = base.to_trainable()?;
     let frozen = Decoder::frozen_view(&policy.config, &vars)?;
     let mut opt = AdamW::new(
@@ -323,7 +331,7 @@ fn time_grpo_step(base: &Decoder, cfg: &ModelConfig, steps: usize) -> Result<(f6
         let (adv, _) = advantages(&rewards, 8, ScaleRewards::Group);
         let refs: Vec<&Sequence> = seqs.iter().collect();
         // As `leash grpo` scores them: each group's prompt once (padding-free).
-        let batch = crate::data::pack::collate_packed(&refs, 0, None, true, &device)?;
+        let batch = crate::data::pack::collate_packed(&refs, 0, None, true, device)?;
         tokens = batch.n_tokens;
         let mask: Vec<f32> = batch
             .in_completion
@@ -365,4 +373,23 @@ pub use crate::runtime::peak_rss_mib;
 fn with_rss(mut v: serde_json::Value) -> serde_json::Value {
     v["peak_rss_mib"] = json!(peak_rss_mib());
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_2_1b_shape_has_the_real_models_matrices() {
+        // Llama-3.2-1B by hand: 16 layers × (q 2048² + k, v 2048·512 + o 2048² + 3 · 2048·8192)
+        // plus the tied head 128,256 · 2048 = 1,235,746,816 (the model card's 1.24 B, less
+        // the norms).
+        let cfg = shape("llama3.2-1b").unwrap();
+        assert_eq!(cfg.matmul_params(), 1_235_746_816);
+        assert_eq!(cfg.head_dim, 64);
+        assert!(cfg.tie_word_embeddings);
+        // Qwen2.5-0.5B: 24 × (896² · 2 + 2 · 896·128 + 3 · 896·4864) + 151,936 · 896.
+        assert_eq!(shape("qwen2.5-0.5b").unwrap().matmul_params(), 493_961_216);
+        assert!(shape("llama-7b").is_err());
+    }
 }

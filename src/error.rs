@@ -37,9 +37,25 @@ pub enum LeashError {
     /// The user pressed Ctrl-C; what could be saved was saved. The binary exits 130.
     #[error("{message}\nhint: {hint}")]
     Interrupted { message: String, hint: String },
+    /// The GPU ran out of memory ([`crate::device::out_of_memory`]); the hint says what to lower.
+    #[error("{message}\nhint: {hint}")]
+    OutOfMemory { message: String, hint: String },
     /// A tensor operation failed: a bug or an unsupported shape, not a user mistake.
     #[error("tensor operation failed: {0}\nhint: this is likely a bug in leash; please report it with the command you ran")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
+}
+
+/// Every candle error passes here (`?`): the GPU running out of memory is the user's to fix,
+/// so it becomes [`LeashError::OutOfMemory`]; anything else is a tensor failure.
+impl From<candle_core::Error> for LeashError {
+    fn from(e: candle_core::Error) -> Self {
+        let text = e.to_string();
+        if crate::device::is_out_of_memory(&text) {
+            crate::device::out_of_memory(&text)
+        } else {
+            LeashError::Tensor(e)
+        }
+    }
 }
 
 pub type Result<T, E = LeashError> = std::result::Result<T, E>;

@@ -28,7 +28,13 @@ pub fn save_safetensors<K>(tensors: &HashMap<K, Tensor>, path: &Path) -> Result<
 where
     K: AsRef<str> + Ord + std::fmt::Display,
 {
-    candle_core::safetensors::save(tensors, path).map_err(|e| {
+    // Tensors on a GPU come to the host first: candle's writer would copy them itself but
+    // panics if the copy fails; here a failure is an error.
+    let on_host = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.to_string(), t.to_device(&candle_core::Device::Cpu)?)))
+        .collect::<Result<HashMap<String, Tensor>>>()?;
+    candle_core::safetensors::save(&on_host, path).map_err(|e| {
         LeashError::file(
             path,
             format!("cannot write weights: {e}"),

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod files;
@@ -12,6 +13,7 @@ pub mod lab;
 pub mod loss;
 pub mod merge;
 pub mod model;
+pub mod model_io;
 pub mod progress;
 pub mod report;
 pub mod runtime;

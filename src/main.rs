@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use leash::device::{DeviceArg, DeviceChoice};
 use leash::eval::evaluate::{eval_command, generate_command, EvalArgs, GenerateArgs};
 use leash::eval::generate::SamplingOptions;
 use leash::eval::judge::Judge;
@@ -32,6 +33,8 @@ enum Command {
         /// The small configuration used by the tests (seconds instead of minutes).
         #[arg(long)]
         small: bool,
+        #[command(flatten)]
+        device: DeviceArg,
     },
     /// Reproduce one lesson of preference optimization on real runs, with report, plot and a
     /// computed verdict: logps, grad, overtrain, beta-sweep, ipo-vs-dpo, kto, dpo-vs-grpo,
@@ -46,6 +49,8 @@ enum Command {
         /// The small configuration used by the tests.
         #[arg(long)]
         small: bool,
+        #[command(flatten)]
+        device: DeviceArg,
     },
     /// Inspect or fix preference data: `report` (length statistics), `balance-length`.
     Data {
@@ -63,6 +68,8 @@ enum Command {
         /// Truncate prompt+completion to this many tokens, keeping the start (TRL's default: 1024).
         #[arg(long, default_value_t = 1024)]
         max_length: usize,
+        #[command(flatten)]
+        device: DeviceArg,
     },
     /// Sample completions for prompts (JSONL `prompt` strings or conversations).
     Generate {
@@ -80,6 +87,8 @@ enum Command {
         /// Completions per prompt.
         #[arg(long, default_value_t = 1)]
         num_return_sequences: usize,
+        #[command(flatten)]
+        device: DeviceArg,
     },
     /// Evaluate a policy against its reference on held-out data: reward accuracy on pairs,
     /// KL(π‖π_ref) on samples, lengths, judge scores and win rate. Writes report.json.
@@ -122,6 +131,8 @@ enum Command {
         /// Folder for samples.jsonl (every sample as it is produced) and report.json.
         #[arg(long)]
         output_dir: PathBuf,
+        #[command(flatten)]
+        device: DeviceArg,
     },
     /// Fold a LoRA adapter into its base model and write a plain Hugging Face checkpoint.
     Merge {
@@ -137,10 +148,13 @@ enum Command {
         /// Allow writing into a folder that already holds a model or a training run.
         #[arg(long)]
         overwrite_output_dir: bool,
+        #[command(flatten)]
+        device: DeviceArg,
     },
     /// Measure throughput (tokens/s, GFLOP/s) of the hot paths on a random model.
     Bench {
-        /// Model shape: bench (the notes' 5.3 M-parameter Llama), smollm-135m or qwen2.5-0.5b.
+        /// Model shape: bench (the notes' 5.3 M-parameter Llama), smollm-135m, qwen2.5-0.5b or
+        /// llama3.2-1b.
         #[arg(long, default_value = "bench")]
         shape: String,
         /// What to time: matmul (the ceiling), forward, train (forward+backward, SFT step), dpo
@@ -158,6 +172,8 @@ enum Command {
         /// Train with gradient checkpointing (train, dpo, dpo-lora), as `--gradient-checkpointing`.
         #[arg(long)]
         gradient_checkpointing: bool,
+        #[command(flatten)]
+        device: DeviceArg,
     },
     /// Supervised fine-tuning with the loss on completion tokens only (TRL SFTTrainer).
     Sft(TrainArgs),
@@ -250,12 +266,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             experiment,
             output_dir,
             small,
+            device,
         } => {
-            let cfg = if small {
+            let mut cfg = if small {
                 leash::demo::DemoConfig::small()
             } else {
                 leash::demo::DemoConfig::standard()
             };
+            cfg.device = DeviceChoice::of(&device.open()?);
             let outcome = leash::lab::run_lab(&experiment, &output_dir, &cfg)?;
             println!("{}\nreport: {}", outcome.verdict, outcome.report.display());
         }
@@ -272,12 +290,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Demo { output_dir, small } => {
-            let cfg = if small {
+        Command::Demo {
+            output_dir,
+            small,
+            device,
+        } => {
+            let mut cfg = if small {
                 leash::demo::DemoConfig::small()
             } else {
                 leash::demo::DemoConfig::standard()
             };
+            cfg.device = DeviceChoice::of(&device.open()?);
             let summary = leash::demo::run_demo(&output_dir, &cfg)?;
             let r = &summary.report;
             let f = |k: &str| r.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
@@ -294,8 +317,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             prompts,
             sampling,
             num_return_sequences,
+            device,
         } => {
             let args = GenerateArgs {
+                device: device.open()?,
                 model: &model,
                 adapter: adapter.as_deref(),
                 prompts: &prompts,
@@ -329,7 +354,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pairwise,
             judge_timeout,
             output_dir,
+            device,
         } => {
+            let device = device.open()?;
             let judge = match judge_cmd {
                 Some(cmd) => Judge::Command {
                     cmd,
@@ -361,6 +388,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 judge,
                 pairwise,
                 output_dir,
+                device,
             };
             let report = eval_command(&args)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -370,8 +398,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             adapter,
             output_dir,
             overwrite_output_dir,
+            device,
         } => {
-            leash::merge::merge_with(&model, &adapter, &output_dir, overwrite_output_dir)?;
+            let device = device.open()?;
+            leash::merge::merge_with(&model, &adapter, &output_dir, overwrite_output_dir, &device)?;
             eprintln!("merged checkpoint written to {}", output_dir.display());
         }
         Command::Bench {
@@ -380,6 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             steps,
             pairs,
             gradient_checkpointing,
+            device,
         } => {
             if pairs == 0 {
                 return Err(leash::LeashError::usage(
@@ -388,7 +419,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .into());
             }
-            leash::bench::run(&shape, &what, steps, pairs, gradient_checkpointing, |obj| {
+            let device = device.open()?;
+            let (g, d) = (gradient_checkpointing, &device);
+            leash::bench::run(&shape, &what, steps, pairs, g, d, |obj| {
                 eprintln!(
                     "{:<22} {:>8.0} tokens/s  {:>6.1} GFLOP/s  ({} threads)",
                     obj["bench"].as_str().unwrap_or(""),
@@ -408,9 +441,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             dataset,
             max_length,
+            device,
         } => {
-            let device = candle_core::Device::Cpu;
-            let (decoder, tokenizer) = leash::scoring::load_model(&model, &device)?;
+            let device = device.open()?;
+            let (decoder, tokenizer) = leash::model_io::load_model(&model, &device)?;
             let rows = leash::data::dataset::read_rows(&dataset, None)?.len();
             let progress = leash::progress::Progress::new("logps", "row", rows as u64);
             let stdout = std::io::stdout();
@@ -487,6 +521,16 @@ fn main() -> ExitCode {
             Some(leash::LeashError::Interrupted { message, hint }) => {
                 eprintln!("{message}\nhint: {hint}");
                 ExitCode::from(130)
+            }
+            Some(leash::LeashError::OutOfMemory { .. }) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+            // The GPU running out of memory inside another error's text (a file being read
+            // onto the GPU): the same message and hint as when it comes alone.
+            _ if leash::device::is_out_of_memory(&format!("{e:#}")) => {
+                eprintln!("error: {}", leash::device::out_of_memory(&format!("{e:#}")));
+                ExitCode::from(2)
             }
             _ => {
                 eprintln!("error: {e:#}");

@@ -7,11 +7,11 @@ use std::path::Path;
 use candle_core::{Device, Var};
 
 use crate::error::{LeashError, Result};
-use crate::model::lora::load_adapter;
 use crate::model::Family;
+use crate::model_io::load_adapter;
+use crate::model_io::load_model;
+use crate::model_io::save_model;
 use crate::progress::Progress;
-use crate::scoring::load_model;
-use crate::train::checkpoint::save_model;
 
 /// Files whose presence means `dir` holds a model or a training run.
 const OCCUPIED_BY: &[&str] = &[
@@ -57,21 +57,23 @@ pub fn check_merge_output(
     Ok(())
 }
 
-/// Merges into a fresh folder (refuses one that holds a model).
+/// Merges into a fresh folder (refuses one that holds a model), on the CPU.
 pub fn merge(model_dir: &Path, adapter_dir: &Path, output_dir: &Path) -> Result<()> {
-    merge_with(model_dir, adapter_dir, output_dir, false)
+    merge_with(model_dir, adapter_dir, output_dir, false, &Device::Cpu)
 }
 
+/// Merges on `device` (base, adapters and products there; the result is written from the
+/// host), into `output_dir` unless it holds a model and `overwrite` is off.
 pub fn merge_with(
     model_dir: &Path,
     adapter_dir: &Path,
     output_dir: &Path,
     overwrite: bool,
+    device: &Device,
 ) -> Result<()> {
     check_merge_output(model_dir, adapter_dir, output_dir, overwrite)?;
-    let device = Device::Cpu;
-    let (base, _) = load_model(model_dir, &device)?;
-    let (_, adapters) = load_adapter(adapter_dir, base.linear_modules(), &device)?;
+    let (base, _) = load_model(model_dir, device)?;
+    let (_, adapters) = load_adapter(adapter_dir, base.linear_modules(), device)?;
     let conv1d = base.config.family == Family::Gpt2;
     let progress = Progress::new("merge", "tensor", base.params().len() as u64);
     progress.println(format!(

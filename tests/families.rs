@@ -74,7 +74,7 @@ fn compare(mine: &[Value], golden: &[Value], what: &str) -> f64 {
 #[test]
 fn every_family_matches_transformers() {
     for name in FAMILIES {
-        let (model, tok) = leash::scoring::load_model(&fixture(name), &Device::Cpu).unwrap();
+        let (model, tok) = leash::model_io::load_model(&fixture(name), &Device::Cpu).unwrap();
         let d = compare(
             &score(&model, &tok),
             &golden(&fixture(&format!("{name}/golden_logps.json"))),
@@ -87,7 +87,7 @@ fn every_family_matches_transformers() {
 #[test]
 fn untied_gpt2_scores_with_its_own_head() {
     let (model, _) =
-        leash::scoring::load_model(&fixture("tiny-gpt2-untied"), &Device::Cpu).unwrap();
+        leash::model_io::load_model(&fixture("tiny-gpt2-untied"), &Device::Cpu).unwrap();
     assert!(model.params().iter().any(|(n, _)| n == "lm_head.weight"));
     let head = model.lm_head();
     let wte = &model.params()[0].1;
@@ -114,10 +114,10 @@ fn saved_checkpoints_have_transformers_tensors_and_config() {
     let mut names: Vec<&str> = FAMILIES.to_vec();
     names.extend(["tiny-gpt2", "tiny-llama", "tiny-qwen2"]);
     for name in names {
-        let (model, _) = leash::scoring::load_model(&fixture(name), &Device::Cpu).unwrap();
+        let (model, _) = leash::model_io::load_model(&fixture(name), &Device::Cpu).unwrap();
         let (_, vars) = model.to_trainable().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        leash::train::checkpoint::save_model(dir.path(), &fixture(name), &vars).unwrap();
+        leash::model_io::save_model(dir.path(), &fixture(name), &vars).unwrap();
         assert_eq!(
             safetensors_shapes(&dir.path().join("model.safetensors")),
             safetensors_shapes(&fixture(&format!("{name}/model.safetensors"))),
@@ -167,7 +167,7 @@ fn peft_adapters_of_every_target_form_load() {
         ("tiny-qwen3", "leash-all-linear"),
     ] {
         let dir = fixture(&format!("{base}/{form}"));
-        let (model, tok) = leash::scoring::load_model(&fixture(base), &Device::Cpu).unwrap();
+        let (model, tok) = leash::model_io::load_model(&fixture(base), &Device::Cpu).unwrap();
         let (config, adapters) = load_adapter(&dir, model.linear_modules(), &Device::Cpu).unwrap();
         let with = model.with_adapters(&adapters).unwrap();
         let what = format!("{base}/{form}");
@@ -225,7 +225,7 @@ fn leash_all_linear_adapter_names_modules_as_peft_does() {
 }
 
 fn load_err(dir: &Path) -> String {
-    match leash::scoring::load_model(dir, &Device::Cpu) {
+    match leash::model_io::load_model(dir, &Device::Cpu) {
         Ok(_) => panic!("{} loaded", dir.display()),
         Err(e) => e.to_string(),
     }

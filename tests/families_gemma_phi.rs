@@ -83,7 +83,7 @@ fn phi3_logps_match_transformers() {
 fn cached_decoding_equals_full_forward() {
     let dev = Device::Cpu;
     for (name, prefill) in [("tiny-gemma3", 1), ("tiny-phi3", 9)] {
-        let (model, tok) = leash::scoring::load_model(&fixture(name), &dev).unwrap();
+        let (model, tok) = leash::model_io::load_model(&fixture(name), &dev).unwrap();
         let ids = tok
             .encode(
                 "Q: quick one, 13 - 1? Good question, the answer is twelve.",
@@ -304,9 +304,9 @@ fn lora_uses_peft_module_names_and_merges_exactly() {
         assert!(out.status.success(), "{}", stderr(&out));
         let merged_lp = run_logps(&merged);
         let base_lp = run_logps(&fixture(name));
-        let (model, tok) = leash::scoring::load_model(&fixture(name), &Device::Cpu).unwrap();
+        let (model, tok) = leash::model_io::load_model(&fixture(name), &Device::Cpu).unwrap();
         let (_, adapters) =
-            leash::model::lora::load_adapter(dir.path(), model.linear_modules(), &Device::Cpu)
+            leash::model_io::load_adapter(dir.path(), model.linear_modules(), &Device::Cpu)
                 .unwrap();
         let with = model.with_adapters(&adapters).unwrap();
         let mut adapted = Vec::new();
@@ -356,7 +356,7 @@ fn altered(name: &str, edit: &dyn Fn(&mut Value), extra: &[&str]) -> tempfile::T
 }
 
 fn load_error(dir: &Path) -> String {
-    match leash::scoring::load_model(dir, &Device::Cpu) {
+    match leash::model_io::load_model(dir, &Device::Cpu) {
         Ok(_) => panic!("{} loaded", dir.display()),
         Err(e) => e.to_string(),
     }

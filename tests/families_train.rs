@@ -157,7 +157,7 @@ fn cached_generation_equals_recompute() {
         "tiny-llama3",
         "tiny-gpt2-untied",
     ] {
-        let (model, tok) = leash::scoring::load_model(&fixture(name), &Device::Cpu).unwrap();
+        let (model, tok) = leash::model_io::load_model(&fixture(name), &Device::Cpu).unwrap();
         let prompt = tok.encode("Q: what is 9 * 15?", true).unwrap();
         let opt = SamplingOptions {
             temperature: 1.0,

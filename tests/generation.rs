@@ -24,7 +24,7 @@ fn sampling(temperature: f64, max_new_tokens: usize) -> SamplingOptions {
 
 #[test]
 fn seeded_sampling_is_reproducible_and_cache_matches_recompute() {
-    let (model, tok) = leash::scoring::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
+    let (model, tok) = leash::model_io::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
     let prompt = tok.encode("Q: what is 9 * 15?", true).unwrap();
     let run = |seed: u64, cache: bool, t: f64| {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -57,7 +57,7 @@ fn seeded_sampling_is_reproducible_and_cache_matches_recompute() {
 
 #[test]
 fn cached_step_logits_equal_full_recompute() {
-    let (model, tok) = leash::scoring::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
+    let (model, tok) = leash::model_io::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
     let ids = tok
         .encode("Q: quick one, 13 - 1? Good question", true)
         .unwrap();
@@ -117,6 +117,7 @@ fn eval_args(model: &std::path::Path, out: &std::path::Path, judge: Judge) -> Ev
         judge,
         pairwise: false,
         output_dir: out.to_path_buf(),
+        device: candle_core::Device::Cpu,
     }
 }
 

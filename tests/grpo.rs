@@ -40,7 +40,7 @@ fn group_advantages_are_zero_mean_per_group() {
 /// gets a gradient, whatever the aggregation.
 #[test]
 fn equal_rewards_give_zero_gradient_on_the_model() {
-    let (base, tok) = leash::scoring::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
+    let (base, tok) = leash::model_io::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
     let (policy, vars) = base.to_trainable().unwrap();
     let prompt = tok.encode("Q: what is 4 + 1?", true).unwrap();
     let seqs: Vec<Sequence> = [" 5.", " Good question! 4 + 1 equals 5.", " 4"]

@@ -5,55 +5,7 @@
 //! "versions"); the other fixtures by scripts/make_fixtures.py with transformers 5.24.0.
 
 mod common;
-use common::{fixture, leash};
-use serde_json::Value;
-
-/// float32 summation-order noise over ≤ 128 tokens stays well under this.
-const LOGP_TOL: f64 = 1e-4;
-
-fn run_logps(model: &str, data: &str) -> Vec<Value> {
-    let out = leash(&[
-        "logps",
-        "--model",
-        fixture(model).to_str().unwrap(),
-        "--dataset",
-        fixture(data).to_str().unwrap(),
-        "--max-length",
-        "128",
-    ]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn compare(mine: &[Value], golden: &[Value], what: &str) {
-    assert_eq!(mine.len(), golden.len(), "{what}: row count");
-    for (m, g) in mine.iter().zip(golden) {
-        for key in ["prompt_ids", "chosen_ids", "rejected_ids"] {
-            assert_eq!(m[key], g[key], "{what} row {}: {key}", g["index"]);
-        }
-        for key in ["chosen_logp", "rejected_logp"] {
-            let (a, b) = (m[key].as_f64().unwrap(), g[key].as_f64().unwrap());
-            assert!(
-                (a - b).abs() <= LOGP_TOL,
-                "{what} row {}: {key} {a} vs golden {b}",
-                g["index"]
-            );
-        }
-    }
-}
-
-fn golden_rows(path: &str, key: &[&str]) -> Vec<Value> {
-    let text = std::fs::read_to_string(fixture(path)).unwrap();
-    let mut v: Value = serde_json::from_str(&text).unwrap();
-    for k in key {
-        v = v[*k].take();
-    }
-    v.as_array().unwrap().clone()
-}
+use common::logps_check::{compare, golden_rows, run_logps};
 
 #[test]
 fn llama_matches_trl_on_all_80_rows() {

@@ -124,9 +124,9 @@ fn adapter_round_trip_and_adapter_off_equal_base() {
         &resolve(Method::Sft, &lora_args(dir.path(), "sft_train.jsonl")).unwrap(),
     )
     .unwrap();
-    let (base, tok) = leash::scoring::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
+    let (base, tok) = leash::model_io::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
     let (_, adapters) =
-        leash::model::lora::load_adapter(dir.path(), base.linear_modules(), &Device::Cpu).unwrap();
+        leash::model_io::load_adapter(dir.path(), base.linear_modules(), &Device::Cpu).unwrap();
     let with = base.with_adapters(&adapters).unwrap();
     let off = base.with_adapters(&Default::default()).unwrap();
     let score = |m: &leash::model::Decoder| {
@@ -216,9 +216,9 @@ fn lora_reference_is_the_base_and_reloaded_adapter_scores_identically() {
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .find(|m| m.get("eval_loss").is_some())
         .unwrap();
-    let (model, tok) = leash::scoring::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
+    let (model, tok) = leash::model_io::load_model(&fixture("tiny-llama"), &Device::Cpu).unwrap();
     let (_, adapters) =
-        leash::model::lora::load_adapter(dir.path(), model.linear_modules(), &Device::Cpu).unwrap();
+        leash::model_io::load_adapter(dir.path(), model.linear_modules(), &Device::Cpu).unwrap();
     let with = model.with_adapters(&adapters).unwrap();
     let mut rows = Vec::new();
     leash::scoring::score_dataset(
@@ -253,7 +253,7 @@ fn lora_backward_gives_no_base_weight_a_gradient() {
     use std::collections::HashSet;
     let device = Device::Cpu;
     for fixture_name in ["tiny-llama", "tiny-gpt2"] {
-        let (base, _) = leash::scoring::load_model(&fixture(fixture_name), &device).unwrap();
+        let (base, _) = leash::model_io::load_model(&fixture(fixture_name), &device).unwrap();
         let modules = base.linear_modules().to_vec();
         let picked = select_targets(&modules, &TargetModules::from_cli("all-linear")).unwrap();
         let (vars, adapters) = init_adapters(&picked, 4, 8.0, 0.0, 1, &device).unwrap();

@@ -41,6 +41,7 @@ fn sample(option: &str) -> (&'static str, &'static [&'static str]) {
         "lr_scheduler_type" => ("\"cosine\"", &["cosine"]),
         "scale_rewards" => ("\"batch\"", &["batch"]),
         "frozen_dtype" => ("\"bf16\"", &["bf16"]),
+        "device" => ("\"cpu\"", &["cpu"]),
         "reward_funcs" => ("[\"length\"]", &["length"]),
         "reward_cmd" => ("[\"cat\"]", &["cat"]),
         "reward_weights" => ("[1.0, 2.0]", &["1,2"]),

@@ -10,7 +10,7 @@ use leash::data::pack::{collate_packed, processed_tokens};
 use leash::loss::logps::score;
 use leash::model::weights::{RandomInit, Weights};
 use leash::model::{Decoder, ModelConfig};
-use leash::scoring::load_model;
+use leash::model_io::load_model;
 use rand::{Rng, SeedableRng};
 
 mod common;

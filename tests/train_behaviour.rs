@@ -45,7 +45,7 @@ fn every_parameter_moves_and_reference_stays() {
     let dir = tempfile::tempdir().unwrap();
     let cfg: TrainConfig = resolve(Method::Dpo, &args(dir.path(), 1)).unwrap();
     let device = candle_core::Device::Cpu;
-    let (base, tok): (_, TextTokenizer) = leash::scoring::load_model(&cfg.model, &device).unwrap();
+    let (base, tok): (_, TextTokenizer) = leash::model_io::load_model(&cfg.model, &device).unwrap();
     let data = prepare(Method::Dpo, &cfg.dataset, &tok, 128, 8).unwrap();
     let (policy, vars) = base.to_trainable().unwrap();
     let before_ref: Vec<Vec<f32>> = base

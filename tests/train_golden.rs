@@ -10,109 +10,30 @@
 //! (IPO, with the fused kernels; 34 % with the composed ops).
 
 mod common;
-use common::fixture;
-use leash::train::config::{resolve, Method, TrainArgs};
-use serde_json::Value;
-
-const STEP1_REL: f64 = 1e-5;
-const TRAJ_REL_PER_STEP: f64 = 5e-5;
-const REL_FLOOR: f64 = 1e-2;
-
-fn golden_args(data: &str, out: &std::path::Path) -> TrainArgs {
-    TrainArgs {
-        model: Some(fixture("tiny-llama")),
-        dataset: Some(fixture(&format!("tiny-llama/{data}"))),
-        output_dir: Some(out.to_path_buf()),
-        max_steps: Some(30),
-        per_device_train_batch_size: Some(8),
-        learning_rate: Some(5e-4),
-        lr_scheduler_type: Some("constant".into()),
-        max_grad_norm: Some(1.0),
-        max_length: Some(128),
-        beta: Some(0.1),
-        shuffle: Some(false),
-        logging_steps: Some(1),
-        ..Default::default()
-    }
-}
-
-fn read_metrics(out: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn check_against_golden(method: Method, data: &str, golden: &str, loss_type: Option<&str>) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut args = golden_args(data, dir.path());
-    args.loss_type = loss_type.map(str::to_string);
-    if method == Method::Sft {
-        // SFT has no β (neither has TRL's SFTConfig); passing it is refused.
-        args.beta = None;
-    }
-    leash::train::trainer::train(&resolve(method, &args).unwrap()).unwrap();
-    let mine = read_metrics(dir.path());
-    let text =
-        std::fs::read_to_string(fixture(&format!("tiny-llama/golden/{golden}.json"))).unwrap();
-    let gold: Value = serde_json::from_str(&text).unwrap();
-    let steps = gold["steps"].as_array().unwrap();
-    assert_eq!(mine.len(), steps.len());
-    for (m, g) in mine.iter().zip(steps) {
-        let step = g["step"].as_u64().unwrap() as f64;
-        assert_eq!(m["step"].as_u64(), g["step"].as_u64());
-        let rel = if step == 1.0 {
-            STEP1_REL
-        } else {
-            TRAJ_REL_PER_STEP * step
-        };
-        for (key, gv) in g.as_object().unwrap() {
-            if [
-                "step",
-                "batch_rows",
-                "step_time_s",
-                "step_cpu_s",
-                "interval_s",
-            ]
-            .contains(&key.as_str())
-            {
-                continue;
-            }
-            let gv = gv.as_f64().unwrap();
-            let mv = m[key]
-                .as_f64()
-                .unwrap_or_else(|| panic!("{golden}: step {step} lacks `{key}`"));
-            let tol = rel * gv.abs().max(REL_FLOOR);
-            assert!(
-                (mv - gv).abs() <= tol,
-                "{golden} step {step} {key}: {mv} vs TRL {gv} (tol {tol:e})"
-            );
-        }
-    }
-}
+use common::train_check::check_against_golden;
+use leash::train::config::Method;
 
 #[test]
 fn dpo_matches_trl() {
-    check_against_golden(Method::Dpo, "pref_train.jsonl", "dpo", None);
+    check_against_golden(Method::Dpo, "pref_train.jsonl", "dpo", None, None);
 }
 
 #[test]
 fn ipo_matches_trl() {
-    check_against_golden(Method::Dpo, "pref_train.jsonl", "ipo", Some("ipo"));
+    check_against_golden(Method::Dpo, "pref_train.jsonl", "ipo", Some("ipo"), None);
 }
 
 #[test]
 fn kto_matches_trl() {
-    check_against_golden(Method::Kto, "kto_train.jsonl", "kto", None);
+    check_against_golden(Method::Kto, "kto_train.jsonl", "kto", None, None);
 }
 
 #[test]
 fn orpo_matches_trl() {
-    check_against_golden(Method::Orpo, "pref_train.jsonl", "orpo", None);
+    check_against_golden(Method::Orpo, "pref_train.jsonl", "orpo", None, None);
 }
 
 #[test]
 fn sft_matches_trl() {
-    check_against_golden(Method::Sft, "sft_train.jsonl", "sft", None);
+    check_against_golden(Method::Sft, "sft_train.jsonl", "sft", None, None);
 }

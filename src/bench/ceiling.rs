@@ -10,14 +10,17 @@ use crate::error::Result;
 use crate::model::ModelConfig;
 
 /// GFLOP/s of `(m × k) · (k × n)`, best of `reps` after a warm-up.
-fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize) -> Result<f64> {
-    let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu)?;
+fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize, device: &Device) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (m, k), device)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), device)?;
     a.matmul(&b)?;
+    device.synchronize()?;
     let mut best = f64::INFINITY;
     for _ in 0..reps {
         let start = Instant::now();
         a.matmul(&b)?;
+        // A GPU queues the product; the time is until it is done.
+        device.synchronize()?;
         best = best.min(start.elapsed().as_secs_f64());
     }
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
@@ -25,7 +28,7 @@ fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize) -> Result<f64> {
 
 /// The best GFLOP/s over the shape's projections (2,048 rows × hidden → intermediate, and the
 /// lm_head) and a large square product.
-pub fn matmul_ceiling(cfg: &ModelConfig) -> Result<f64> {
+pub fn matmul_ceiling(cfg: &ModelConfig, device: &Device) -> Result<f64> {
     let d = cfg.hidden_size;
     let shapes = [
         (2048, d, cfg.intermediate_size),
@@ -35,7 +38,7 @@ pub fn matmul_ceiling(cfg: &ModelConfig) -> Result<f64> {
     ];
     let mut best: f64 = 0.0;
     for (m, k, n) in shapes {
-        best = best.max(matmul_gflops(m, k, n, 5)?);
+        best = best.max(matmul_gflops(m, k, n, 5, device)?);
     }
     Ok(best)
 }

@@ -46,12 +46,12 @@ pub fn pair_sequences(
 }
 
 /// The padded batch, or the padding-free one.
-pub fn layout(seqs: &[Sequence], padding_free: bool) -> Result<Collated> {
+pub fn layout(seqs: &[Sequence], padding_free: bool, device: &Device) -> Result<Collated> {
     let refs: Vec<&Sequence> = seqs.iter().collect();
     Ok(if padding_free {
-        collate_packed(&refs, 0, None, true, &Device::Cpu)?
+        collate_packed(&refs, 0, None, true, device)?
     } else {
-        collate(&refs, 0, None, &[], &Device::Cpu)?
+        collate(&refs, 0, None, &[], device)?
     })
 }
 
@@ -75,7 +75,7 @@ pub fn forward_flops(cfg: &ModelConfig, batch: &Collated) -> f64 {
 
 /// Median seconds of a forward + backward of the summed log-probs (no optimizer).
 pub fn time_forward_backward(policy: &Decoder, batch: &Collated, steps: usize) -> Result<f64> {
-    time(steps, || {
+    time(steps, policy.device(), || {
         let lp = score(policy, batch)?.seq_logps.sum_all()?;
         crate::model::checkpoint::backward(&lp)?;
         Ok(())
@@ -129,7 +129,7 @@ pub fn time_train_step(
     examples: &[TrainExample],
     steps: usize,
 ) -> Result<f64> {
-    let device = Device::Cpu;
+    let device = policy.device();
     // Only KTO reads the policy's frozen view (its KL estimate); a LoRA policy has none to build.
     let frozen = match cfg.method {
         Method::Kto => Some(Decoder::frozen_view(&policy.config, vars)?),
@@ -141,7 +141,7 @@ pub fn time_train_step(
     let mut opt = adamw(cfg, vars);
     let mut metrics = Accumulator::default();
     let mut step = 0;
-    time(steps, || {
+    time(steps, device, || {
         let ctx = StepContext {
             cfg,
             policy,
@@ -152,7 +152,7 @@ pub fn time_train_step(
                 (_, None) => Reference::Cached(&cache),
             },
             pad_id: 0,
-            device: &device,
+            device,
         };
         optimizer_step(
             &ctx,

@@ -16,6 +16,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+use crate::device::DeviceChoice;
 use crate::error::{LeashError, Result};
 use crate::eval::evaluate::{eval_command, EvalArgs};
 use crate::eval::generate::SamplingOptions;
@@ -44,6 +45,8 @@ pub struct DemoConfig {
     pub beta: f64,
     pub batch: usize,
     pub eval_samples: usize,
+    /// Where every run trains and samples (`--device`).
+    pub device: DeviceChoice,
 }
 
 impl DemoConfig {
@@ -66,6 +69,7 @@ impl DemoConfig {
             beta: 0.2,
             batch: 32,
             eval_samples: 4,
+            device: DeviceChoice::Auto,
         }
     }
 
@@ -121,6 +125,7 @@ fn init_model(dir: &Path, cfg: &DemoConfig, vocab: usize) -> Result<()> {
         bias_std: 0.0,
         dtype: DType::F32,
     };
+    // Drawn and written on the host: a file, not a run.
     let model = Decoder::from_weights(model_cfg, &Weights::random(init, &Device::Cpu))?;
     let tensors: HashMap<String, Tensor> = model.params().iter().cloned().collect();
     let weights = dir.join("model.safetensors");
@@ -152,6 +157,7 @@ pub fn run_args(
         logging_steps: Some(10),
         save_steps: Some(100_000),
         seed: Some(cfg.seed),
+        device: Some(cfg.device),
         ..Default::default()
     }
 }
@@ -204,6 +210,8 @@ pub fn world_and_reference(
 
 /// Runs the whole demo into `out` and writes `out/report.md`.
 pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary> {
+    // First: a device that cannot be had stops the demo before it writes anything.
+    let device = crate::device::resolve(cfg.device)?;
     let start = Instant::now();
     let (data, sft) = world_and_reference(out, cfg, &start)?;
     let (dpo, eval) = (out.join("dpo"), out.join("eval"));
@@ -244,6 +252,7 @@ pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary> {
         judge: Judge::Builtin("arithmetic".into()),
         pairwise: false,
         output_dir: eval.clone(),
+        device,
     };
     let report = eval_command(&eval_args)?;
 

@@ -163,10 +163,11 @@ pub fn changes_section(sampled: &Aspects, greedy: &Aspects) -> String {
 
 /// Greedy completions of reference and aligned model on the first held-out prompts: the
 /// Markdown table and the aspects counted over it.
-fn greedy_table(out: &Path) -> Result<(String, Aspects)> {
+fn greedy_table(out: &Path, cfg: &DemoConfig) -> Result<(String, Aspects)> {
+    let device = crate::device::resolve(cfg.device)?;
     let mut md = String::from("\n## Greedy completions on held-out prompts\n\n| prompt | reference (SFT) | aligned (DPO) |\n|---|---|---|\n");
-    let (reference, tok) = load_policy(&out.join("sft"), None)?;
-    let (aligned, _) = load_policy(&out.join("dpo"), None)?;
+    let (reference, tok) = load_policy(&out.join("sft"), None, &device)?;
+    let (aligned, _) = load_policy(&out.join("dpo"), None, &device)?;
     let greedy = SamplingOptions {
         temperature: 0.0,
         top_k: 0,
@@ -257,7 +258,7 @@ pub fn write_report(out: &Path, report: &Value, cfg: &DemoConfig, seconds: f64) 
             100.0 * num(p, "rewards/accuracies")
         );
     }
-    let (table, greedy) = greedy_table(out)?;
+    let (table, greedy) = greedy_table(out, cfg)?;
     let sampled = sampled_aspects(&out.join("eval/samples.jsonl"))?;
     md += &changes_section(&sampled, &greedy);
     let _ = writeln!(md, "\n## Training curves\n");

@@ -29,10 +29,11 @@ use crate::data::read::Example;
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{LeashError, Result};
 use crate::loss::logps::score;
-use crate::model::lora::load_adapter;
 use crate::model::Decoder;
+use crate::model_io::load_adapter;
+use crate::model_io::load_model;
 use crate::progress::Progress;
-use crate::scoring::{load_model, score_dataset};
+use crate::scoring::score_dataset;
 
 /// What `kl`, `kl_k3` and `kl_unbiased` in eval's report mean (written into the report).
 pub const KL_NOTE: &str = "kl is the mean over samples y ~ π of log π(y|x) − log π_ref(y|x), summed over \
@@ -57,12 +58,16 @@ fn interrupted(what: &str) -> LeashError {
     }
 }
 
-/// A model folder plus an optional adapter.
-pub fn load_policy(model: &Path, adapter: Option<&Path>) -> Result<(Decoder, TextTokenizer)> {
-    let (base, tok) = load_model(model, &Device::Cpu)?;
+/// A model folder plus an optional adapter, loaded onto `device`.
+pub fn load_policy(
+    model: &Path,
+    adapter: Option<&Path>,
+    device: &Device,
+) -> Result<(Decoder, TextTokenizer)> {
+    let (base, tok) = load_model(model, device)?;
     match adapter {
         Some(dir) => {
-            let (_, adapters) = load_adapter(dir, base.linear_modules(), &Device::Cpu)?;
+            let (_, adapters) = load_adapter(dir, base.linear_modules(), device)?;
             Ok((base.with_adapters(&adapters)?, tok))
         }
         None => Ok((base, tok)),
@@ -133,7 +138,7 @@ pub fn completion_logps(
         })
         .collect();
     let refs: Vec<&Sequence> = seqs.iter().collect();
-    let batch = collate(&refs, pad, model.config.sliding_window, &[], &Device::Cpu)?;
+    let batch = collate(&refs, pad, model.config.sliding_window, &[], model.device())?;
     Ok(score(model, &batch)?.seq_logps.to_vec1()?)
 }
 
@@ -144,6 +149,8 @@ pub struct GenerateArgs<'a> {
     pub sampling: SamplingOptions,
     pub num_return_sequences: usize,
     pub seed: u64,
+    /// Where the model runs (see [`crate::device`]).
+    pub device: Device,
 }
 
 /// `leash generate`: one JSON object per completion.
@@ -155,7 +162,7 @@ pub fn generate_command(a: &GenerateArgs, mut emit: impl FnMut(Value) -> Result<
             "e.g. --num-return-sequences 4",
         ));
     }
-    let (model, tok) = load_policy(a.model, a.adapter)?;
+    let (model, tok) = load_policy(a.model, a.adapter, &a.device)?;
     let eos = eos_ids(&model, &tok);
     let rows = prompts(a.prompts, &tok)?;
     let progress = Progress::new("generate", "prompt", rows.len() as u64);
@@ -204,6 +211,8 @@ pub struct EvalArgs<'a> {
     pub judge: Judge,
     pub pairwise: bool,
     pub output_dir: PathBuf,
+    /// Where policy and reference run (see [`crate::device`]).
+    pub device: Device,
 }
 
 fn items<'a>(prompts: &[&'a str], completions: &[&'a str]) -> Vec<Item<'a>> {
@@ -279,8 +288,8 @@ pub fn eval_command(a: &EvalArgs) -> Result<Value> {
     crate::train::trainer::install_ctrl_c();
     std::fs::create_dir_all(&a.output_dir)
         .map_err(|e| LeashError::io(&a.output_dir, e, "check the path is writable"))?;
-    let (policy, tok) = load_policy(a.model, a.adapter)?;
-    let (reference, _) = load_model(a.reference, &Device::Cpu)?;
+    let (policy, tok) = load_policy(a.model, a.adapter, &a.device)?;
+    let (reference, _) = load_model(a.reference, &a.device)?;
     let eos = eos_ids(&policy, &tok);
     let pairs = pair_metrics(a, &policy, &reference, &tok)?;
     let samples_path = a.output_dir.join("samples.jsonl");

@@ -150,7 +150,9 @@ pub fn generate(
     rng: &mut StdRng,
     use_cache: bool,
 ) -> Result<Vec<Vec<u32>>> {
-    let device = Device::Cpu;
+    // Prompt, KV cache and logits stay on the model's device; only the last position's
+    // logits come to the host, where the seeded sampler draws (the same draws on any device).
+    let device = model.device().clone();
     let window = model.config.sliding_window;
     let p = prompt.len();
     let mut rows: Vec<Vec<u32>> = vec![prompt.to_vec(); n];

@@ -149,8 +149,14 @@ fn build_data(
 
 /// Samples [`SAMPLES`] completions per held-out prompt from `model` (the same seeds for every
 /// model), writes them to `samples`, and measures them.
-fn verbosity(model: &Path, prompts_path: &Path, seed: u64, samples: &Path) -> Result<Verbosity> {
-    let (m, tok) = load_policy(model, None)?;
+fn verbosity(
+    model: &Path,
+    prompts_path: &Path,
+    seed: u64,
+    samples: &Path,
+    device: &candle_core::Device,
+) -> Result<Verbosity> {
+    let (m, tok) = load_policy(model, None, device)?;
     let eos = eos_ids(&m, &tok);
     let opts = SamplingOptions {
         temperature: 1.0,
@@ -268,6 +274,7 @@ impl Lab {
                 &data.prompts,
                 cfg.seed,
                 &self.dir.join(format!("samples-{tag}.jsonl")),
+                &self.device,
             )
         };
         let at_ref = measure(&reference, "reference")?;

@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{CpuStorage, Device, Storage, Tensor};
+use candle_core::{CpuStorage, Storage, Tensor};
 
 use super::{last_metric, plot, Lab};
 use crate::data::collate::{collate, Collated};
@@ -129,7 +129,7 @@ impl Lab {
 
     /// Eight training pairs as one batch (chosen rows first, then rejected).
     fn pair_batch(&self) -> Result<Collated> {
-        let (_, tok) = load_policy(&self.reference, None)?;
+        let (_, tok) = load_policy(&self.reference, None, &self.device)?;
         let prepared = prepare(
             Method::Dpo,
             &self.data.join("pref_train.jsonl"),
@@ -147,13 +147,13 @@ impl Lab {
             }
         }
         let refs: Vec<&Sequence> = seqs.iter().collect();
-        Ok(collate(&refs, tok.pad_id, None, &[], &Device::Cpu)?)
+        Ok(collate(&refs, tok.pad_id, None, &[], &self.device)?)
     }
 
     /// [`HAND_STEPS`] DPO steps of one setup on `batch`, measured.
     fn footprint(&self, lora: bool, batch: &Collated) -> Result<Footprint> {
         let cfg = resolve(Method::Dpo, &self.lora_args(&self.dir.join("hand"), lora))?;
-        let (base, _) = load_policy(&self.reference, None)?;
+        let (base, _) = load_policy(&self.reference, None, &self.device)?;
         let total = base.num_parameters();
         let predicted_trainable = if lora {
             base.linear_modules()
@@ -175,7 +175,7 @@ impl Lab {
                 weight_shapes.insert(t.t()?.dims().to_vec());
             }
         }
-        let policy = build_policy(&cfg, base, &Device::Cpu)?;
+        let policy = build_policy(&cfg, base, &self.device)?;
         let trainable_before: Vec<Vec<f32>> = policy
             .vars
             .iter()
@@ -183,7 +183,7 @@ impl Lab {
             .collect::<Result<_>>()?;
         let n = batch.n_seqs / 2;
         let reference = score(&policy.reference, batch)?.seq_logps.detach();
-        let counts = Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)?;
+        let counts = Tensor::ones(n, candle_core::DType::F32, &self.device)?;
         let mut opt = AdamW::new(
             &policy.vars,
             AdamWSettings {
@@ -272,7 +272,7 @@ impl Lab {
         let optimizer_bytes = opt
             .moments
             .iter()
-            .map(|m| (m.m.len() + m.v.len()) * BYTES_PER_F32)
+            .map(|m| m.elements() * BYTES_PER_F32)
             .sum();
         Ok(Footprint {
             total,

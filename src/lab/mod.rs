@@ -52,6 +52,8 @@ struct Lab {
     data: PathBuf,
     reference: PathBuf,
     cfg: DemoConfig,
+    /// Where the lab's own computations run (its training runs resolve `cfg.device`).
+    device: Device,
 }
 
 /// Runs `name` under `root` (the shared reference lives in `root/reference`).
@@ -62,6 +64,7 @@ pub fn run_lab(name: &str, root: &Path, cfg: &DemoConfig) -> Result<Outcome> {
             format!("experiments: {}", EXPERIMENTS.join(", ")),
         ));
     }
+    let device = crate::device::resolve(cfg.device)?;
     let shared = root.join("reference");
     let (data, reference) = if shared.join("sft/model.safetensors").exists() {
         (shared.join("data"), shared.join("sft"))
@@ -76,6 +79,7 @@ pub fn run_lab(name: &str, root: &Path, cfg: &DemoConfig) -> Result<Outcome> {
         data,
         reference,
         cfg: cfg.clone(),
+        device,
     };
     let (verdict, reproduced, body) = match name {
         "logps" => lab.logps()?,
@@ -173,12 +177,13 @@ impl Lab {
             judge: Judge::Builtin("arithmetic".into()),
             pairwise: false,
             output_dir: out.to_path_buf(),
+            device: self.device.clone(),
         })
     }
 
     /// A sequence log-prob from leash's scorer vs a hand computation in f64 from raw logits.
     fn logps(&self) -> Result<(String, bool, String)> {
-        let (model, tok) = load_policy(&self.reference, None)?;
+        let (model, tok) = load_policy(&self.reference, None, &self.device)?;
         let prompt = tok.encode("Q: what is 3 + 4?", true)?;
         let full = tok.encode(
             &format!("Q: what is 3 + 4? Sure! 3 + 4 = 7.{}", tok.eos_token),
@@ -188,7 +193,7 @@ impl Lab {
             loss_start: prompt.len(),
             ids: full.clone(),
         };
-        let batch = collate(&[&seq], tok.pad_id, None, &[], &Device::Cpu)?;
+        let batch = collate(&[&seq], tok.pad_id, None, &[], &self.device)?;
         let leash_lp = score(&model, &batch)?.seq_logps.to_vec1::<f32>()?[0] as f64;
         // By hand: logits at every position, log-softmax in f64, sum over completion tokens.
         let input = ForwardInput {
@@ -258,7 +263,7 @@ impl Lab {
     /// One gradient step on the DPO loss raises chosen and lowers rejected log-probs; the
     /// gradient matches a central finite difference along its own direction.
     fn grad(&self) -> Result<(String, bool, String)> {
-        let (base, tok) = load_policy(&self.reference, None)?;
+        let (base, tok) = load_policy(&self.reference, None, &self.device)?;
         let prepared = crate::train::examples::prepare(
             Method::Dpo,
             &self.data.join("pref_train.jsonl"),
@@ -280,12 +285,12 @@ impl Lab {
             }
         }
         let refs: Vec<&Sequence> = seqs.iter().collect();
-        let batch = collate(&refs, tok.pad_id, None, &[], &Device::Cpu)?;
+        let batch = collate(&refs, tok.pad_id, None, &[], &self.device)?;
         let p = pairs.len();
         let reference = score(&base, &batch)?.seq_logps;
         let loss_at = |m: &crate::model::Decoder| -> Result<(Tensor, Vec<f32>)> {
             let lp = score(m, &batch)?.seq_logps;
-            let n = Tensor::ones(p, candle_core::DType::F32, &Device::Cpu)?;
+            let n = Tensor::ones(p, candle_core::DType::F32, &self.device)?;
             let out = dpo_loss(
                 &PairLogps {
                     chosen: &lp.narrow(0, 0, p)?,

@@ -158,6 +158,11 @@ impl Decoder {
         }
     }
 
+    /// The device this model's weights live on; its inputs are collated there.
+    pub fn device(&self) -> &Device {
+        self.lm_head().device()
+    }
+
     pub fn params(&self) -> &[(String, Tensor)] {
         &self.params
     }

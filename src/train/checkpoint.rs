@@ -1,5 +1,5 @@
-//! Checkpoints in Hugging Face layout (model.safetensors + config.json + tokenizer files,
-//! loadable by transformers) plus optimizer moments and trainer state for resuming.
+//! Training checkpoints: the model in Hugging Face layout (src/model_io, loadable by transformers)
+//! plus optimizer moments and trainer state for resuming.
 //! Each checkpoint is written to a temporary folder and renamed into place, so a folder named
 //! `checkpoint-N` is always complete.
 
@@ -12,15 +12,6 @@ use serde::{Deserialize, Serialize};
 use super::optimizer::AdamW;
 use super::resume_check::RunIdentity;
 use crate::error::{read_text, LeashError, Result};
-
-/// Files copied from the source model folder so the checkpoint loads on its own.
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-];
 
 /// Where training stands; enough to continue the same trajectory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,6 +28,10 @@ pub struct TrainerState {
     /// What a resume must match (absent in checkpoints of older versions).
     #[serde(default)]
     pub run: Option<RunIdentity>,
+    /// The device that trained up to here (`cpu`, `cuda:0`). A resume may use another one:
+    /// it is reported, never refused. Absent in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> LeashError {
@@ -45,39 +40,6 @@ fn io(path: &Path, e: std::io::Error) -> LeashError {
         e,
         "check the output folder is writable and the disk has space",
     )
-}
-
-/// Writes the model's weights, config and tokenizer files into `dir` (created if needed).
-pub fn save_model(dir: &Path, source_model: &Path, vars: &[(String, Var)]) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let tensors: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect();
-    let path = dir.join("model.safetensors");
-    crate::files::save_safetensors(&tensors, &path)?;
-    let config_path = source_model.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&read_text(&config_path)?)
-        .map_err(|e| LeashError::file(&config_path, e.to_string(), "re-save the model"))?;
-    // We save f32 weights whatever the source dtype was.
-    for key in ["torch_dtype", "dtype"] {
-        if config.get(key).is_some() {
-            config[key] = "float32".into();
-        }
-    }
-    let out = dir.join("config.json");
-    std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&config).unwrap_or_default(),
-    )
-    .map_err(|e| io(&out, e))?;
-    for name in TOKENIZER_FILES {
-        let src = source_model.join(name);
-        if src.exists() {
-            std::fs::copy(&src, dir.join(name)).map_err(|e| io(&src, e))?;
-        }
-    }
-    Ok(())
 }
 
 /// Writes `output_dir/checkpoint-{step}` atomically and returns its path.
@@ -94,16 +56,18 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
     save_weights(&tmp)?;
+    // Moments come to the host to be written, wherever training keeps them.
     let mut moments = HashMap::new();
-    for ((name, var), m) in vars.iter().zip(&opt.moments) {
+    for ((name, var), mo) in vars.iter().zip(&opt.moments) {
         let shape = var.shape();
+        let (m, v) = mo.to_host()?;
         moments.insert(
             format!("{name}.exp_avg"),
-            Tensor::from_slice(&m.m, shape, &Device::Cpu)?,
+            Tensor::from_vec(m, shape, &Device::Cpu)?,
         );
         moments.insert(
             format!("{name}.exp_avg_sq"),
-            Tensor::from_slice(&m.v, shape, &Device::Cpu)?,
+            Tensor::from_vec(v, shape, &Device::Cpu)?,
         );
     }
     let opt_path = tmp.join("optimizer.safetensors");
@@ -163,7 +127,12 @@ pub fn load_checkpoint(
     } else {
         "model.safetensors"
     };
-    let weights = candle_core::safetensors::load(dir.join(file), &Device::Cpu)
+    // Read onto the device training runs on, whichever device wrote the checkpoint: a run
+    // may resume on another device (the files hold plain host tensors).
+    let device = vars
+        .first()
+        .map_or(Device::Cpu, |(_, v)| v.device().clone());
+    let weights = candle_core::safetensors::load(dir.join(file), &device)
         .map_err(|e| LeashError::file(dir, format!("cannot read {file}: {e}"), hint))?;
     let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
         .map_err(|e| {
@@ -196,8 +165,7 @@ pub fn load_checkpoint(
         let v = moments
             .get(&format!("{name}.exp_avg_sq"))
             .ok_or_else(|| missing("exp_avg_sq"))?;
-        opt.moments[i].m = m.flatten_all()?.to_vec1()?;
-        opt.moments[i].v = v.flatten_all()?.to_vec1()?;
+        opt.moments[i].restore(m, v, var.device())?;
     }
     opt.step = raw
         .get("optimizer_step")

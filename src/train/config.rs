@@ -5,11 +5,13 @@
 //! The resolved [`TrainConfig`] is written to the output folder before the first step.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::method_options::{self, LossType, Source};
+use crate::device::DeviceChoice;
 use crate::error::{read_text, LeashError, Result};
 
 /// The training method (one trainer each, as in TRL).
@@ -179,6 +181,11 @@ pub struct TrainArgs {
     /// always f32.
     #[arg(long, value_parser = ["auto", "f32", "bf16"])]
     pub frozen_dtype: Option<String>,
+    /// Where the model trains: auto (the GPU when this binary is built with `--features cuda`
+    /// and a GPU is present, else the CPU), cpu, cuda (the first GPU) or cuda:N. Default auto;
+    /// the run's leash_config.json records the device used.
+    #[arg(long, value_parser = DeviceChoice::from_str)]
+    pub device: Option<DeviceChoice>,
     /// SFT on conversations: train only on the assistant's tokens, those the chat template
     /// wraps in {% generation %} … {% endgeneration %} (TRL's swap to its training template
     /// included). Default false.
@@ -300,6 +307,10 @@ pub struct TrainConfig {
     /// auto, f32 or bf16 (see [`crate::model::frozen_dtype`]); absent from older configs.
     #[serde(default = "default_frozen_dtype")]
     pub frozen_dtype: String,
+    /// As asked (`auto`) when resolved; the run's leash_config.json records the device used.
+    /// Absent from configs written before it existed.
+    #[serde(default)]
+    pub device: DeviceChoice,
     /// Absent from configs written before it existed.
     #[serde(default)]
     pub assistant_only_loss: bool,
@@ -408,6 +419,7 @@ fn defaults(method: Method) -> Value {
         "dataset_test_split": default_test_split(),
         "report_to": default_report_to(),
         "frozen_dtype": default_frozen_dtype(),
+        "device": DeviceChoice::Auto,
     });
     for extra in [grpo, io] {
         if let (Value::Object(m), Value::Object(g)) = (&mut base, extra) {
@@ -774,6 +786,33 @@ mod tests {
         a.config = Some(path);
         let cfg = resolve(Method::Sft, &a).unwrap();
         assert_eq!((cfg.max_steps, cfg.save_total_limit), (None, Some(2)));
+    }
+
+    #[test]
+    fn device_defaults_to_auto_and_comes_from_toml_or_flags() {
+        assert_eq!(
+            resolve(Method::Dpo, &args()).unwrap().device,
+            DeviceChoice::Auto
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "device = \"cuda:1\"\n").unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        assert_eq!(
+            resolve(Method::Sft, &a).unwrap().device,
+            DeviceChoice::Cuda(1)
+        );
+        a.device = Some(DeviceChoice::Cpu);
+        assert_eq!(resolve(Method::Sft, &a).unwrap().device, DeviceChoice::Cpu);
+        std::fs::write(&path, "device = \"gpu\"\n").unwrap();
+        let err = resolve(Method::Sft, &a).unwrap_err().to_string();
+        assert!(
+            err.contains("`gpu` is not a device")
+                && err.contains("cuda:N")
+                && err.contains("hint:"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{Map, Value};
@@ -23,10 +23,10 @@ use super::grads::GradAccumulator;
 use super::method_options::LossType;
 use super::metrics::{human_line, Accumulator, MetricsLog};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
-use super::policy::{build_policy, save_weights, Policy};
+use super::policy::{build_policy, Policy};
 use super::schedule::{lr_factor, warmup_steps};
 use super::trainer::{
-    check_output_dir, checkpoint_or_stop, initial_state, install_ctrl_c, TrainSummary,
+    checkpoint_or_stop, initial_state, install_ctrl_c, open_run, write_config, TrainSummary,
 };
 use crate::data::collate::{collate, Collated};
 use crate::data::dataset::read_objects;
@@ -41,7 +41,8 @@ use crate::loss::grpo::{advantages, grpo_loss, GrpoInputs, GrpoOptions, ScaleRew
 use crate::loss::logps::score_at_temperature;
 use crate::model::frozen_dtype::FrozenDtype;
 use crate::model::Decoder;
-use crate::scoring::load_model_as;
+use crate::model_io::load_model_as;
+use crate::model_io::save_weights;
 
 /// One prompt of the data set: rendered text, ids, and the row's columns (for reward commands).
 pub struct PromptRow {
@@ -263,7 +264,7 @@ fn rollout(
         metrics.push((format!("rewards/{name}/mean"), mean));
         metrics.push((format!("rewards/{name}/std"), std));
     }
-    let device = Device::Cpu;
+    let device = m.sampler.device();
     let mut micro = Vec::new();
     let mut tokens = 0;
     let bs = cfg.per_device_train_batch_size;
@@ -273,9 +274,9 @@ fn rollout(
         // A group's completions share their prompt: padding-free scores it once per group.
         let window = m.sampler.config.sliding_window;
         let batch = if cfg.padding_free {
-            collate_packed(&refs, m.tok.pad_id, window, true, &device)?
+            collate_packed(&refs, m.tok.pad_id, window, true, device)?
         } else {
-            collate(&refs, m.tok.pad_id, window, &[], &device)?
+            collate(&refs, m.tok.pad_id, window, &[], device)?
         };
         tokens += batch.n_tokens;
         let mask: Vec<f32> = batch
@@ -355,19 +356,13 @@ fn stop_with_checkpoint(
 
 /// Runs GRPO as configured. Progress and human lines go to stderr.
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
-    let mut progress = check_output_dir(cfg)?;
+    let (device, mut progress) = open_run(cfg)?;
     install_ctrl_c();
-    let device = Device::Cpu;
     let frozen = FrozenDtype::parse(&cfg.frozen_dtype)?;
     let (base, tok) = load_model_as(&cfg.model, &device, frozen)?;
     let rows = load_prompts(&cfg.dataset, Some(&cfg.dataset_train_split), &tok)?;
     let rewards = Rewards::from_config(cfg);
-    let config_path = cfg.output_dir.join("leash_config.json");
-    std::fs::write(
-        &config_path,
-        serde_json::to_string_pretty(cfg).unwrap_or_default(),
-    )
-    .map_err(|e| LeashError::io(&config_path, e, "check the output folder is writable"))?;
+    write_config(cfg, &device)?;
     let eos = eos_ids(&base, &tok);
     let built = build_policy(cfg, base, &device)?;
     let Policy {

@@ -76,6 +76,8 @@ pub const OPTIONS: &[(&str, &[Method])] = &[
     ("gradient_checkpointing", ALL),
     // leash's (no TRL counterpart): the reference, and the LoRA base under any method.
     ("frozen_dtype", ALL),
+    // TRL/transformers place the model through accelerate (`use_cpu`, CUDA_VISIBLE_DEVICES).
+    ("device", ALL),
     ("assistant_only_loss", &[Sft]),
     ("use_peft", ALL),
     ("lora_r", ALL),

@@ -4,16 +4,13 @@
 //! the reference (or, continuing an `--adapter`, base + that adapter as it was at the start);
 //! only the adapter is trainable and has optimizer state.
 
-use std::path::Path;
-
 use candle_core::{Device, Var};
 
-use super::checkpoint::save_model;
 use super::config::TrainConfig;
 use crate::error::Result;
 use crate::model::lora::{
-    frozen, init_adapters, load_adapter, save_adapter, select_targets, vars_from_adapters,
-    AdapterConfig, TargetModules,
+    frozen, init_adapters, load_adapter, select_targets, vars_from_adapters, AdapterConfig,
+    TargetModules,
 };
 use crate::model::lora_targets::{module_paths, saved_target_modules};
 use crate::model::{Decoder, Family};
@@ -121,18 +118,5 @@ fn build(cfg: &TrainConfig, base: Decoder, device: &Device) -> Result<Policy> {
 impl Policy {
     pub fn trainable_parameters(&self) -> usize {
         self.vars.iter().map(|(_, v)| v.elem_count()).sum()
-    }
-}
-
-/// Writes the trained weights: a full HF checkpoint, or (LoRA) the PEFT adapter.
-pub fn save_weights(
-    dir: &Path,
-    source_model: &Path,
-    vars: &[(String, Var)],
-    adapter_config: Option<&AdapterConfig>,
-) -> Result<()> {
-    match adapter_config {
-        Some(config) => save_adapter(dir, vars, config),
-        None => save_model(dir, source_model, vars),
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 
-use candle_core::Device;
 use serde_json::json;
 
 use super::config::TrainConfig;
@@ -44,7 +43,7 @@ pub fn reference_cache(
             return Ok(map);
         }
     }
-    let device = Device::Cpu;
+    let device = reference.device();
     let mut map = HashMap::new();
     let positions: Vec<usize> = (0..data.examples.len()).collect();
     for chunk in positions.chunks(cfg.per_device_train_batch_size) {
@@ -65,9 +64,9 @@ pub fn reference_cache(
         let all: Vec<&Sequence> = first.iter().chain(&second).collect();
         let window = reference.config.sliding_window;
         let batch = if cfg.padding_free {
-            collate_packed(&all, pad_id, window, true, &device)?
+            collate_packed(&all, pad_id, window, true, device)?
         } else {
-            collate(&all, pad_id, window, &[], &device)?
+            collate(&all, pad_id, window, &[], device)?
         };
         let lp: Vec<f32> = score(reference, &batch)?.seq_logps.to_vec1()?;
         let p = chunk.len();

@@ -17,7 +17,7 @@ use super::examples::{prepare_with, Prepared, TrainExample};
 use super::method_options::LossType;
 use super::metrics::{human_line, Accumulator, MetricsLog, Monitor};
 use super::optimizer::AdamW;
-use super::policy::{build_policy, save_weights, Policy};
+use super::policy::{build_policy, Policy};
 use super::reference::reference_cache;
 use super::resume_check::{check_resume, RunIdentity};
 use super::run_dir::{prepare_output_dir, prune_checkpoints, trim_metrics};
@@ -28,8 +28,9 @@ use crate::error::{LeashError, Result};
 use crate::loss::dpo::DpoLossType;
 use crate::model::frozen_dtype::FrozenDtype;
 use crate::model::Decoder;
+use crate::model_io::load_model_as;
+use crate::model_io::save_weights;
 use crate::progress::Progress;
-use crate::scoring::load_model_as;
 
 type RefCache = HashMap<usize, RefLogps>;
 
@@ -117,12 +118,35 @@ pub fn steps_per_epoch(cfg: &TrainConfig, n: usize) -> usize {
 
 /// Refuses or clears the output folder (see [`super::run_dir`]) and opens the run's log
 /// (`train.log`, appended to on resume).
-pub(crate) fn check_output_dir(cfg: &TrainConfig) -> Result<Progress> {
+fn check_output_dir(cfg: &TrainConfig) -> Result<Progress> {
     prepare_output_dir(cfg)?;
     Progress::new("train", "step", 0).log_to(
         &cfg.output_dir.join("train.log"),
         cfg.resume_from_checkpoint.is_some(),
     )
+}
+
+/// The start of every run: the device first (one that cannot be had stops the run before its
+/// output folder is touched), then the folder and log, whose first line names the device.
+/// Shared by the offline and GRPO loops.
+pub(crate) fn open_run(cfg: &TrainConfig) -> Result<(Device, Progress)> {
+    let device = crate::device::resolve(cfg.device)?;
+    let progress = check_output_dir(cfg)?;
+    progress.println(crate::device::describe(&device));
+    Ok((device, progress))
+}
+
+/// Writes the resolved configuration to `output_dir/leash_config.json`, recording the device
+/// the run actually uses (`cpu`, `cuda:0`), not `auto`.
+pub(crate) fn write_config(cfg: &TrainConfig, device: &Device) -> Result<()> {
+    let mut resolved = cfg.clone();
+    resolved.device = crate::device::DeviceChoice::of(device);
+    let path = cfg.output_dir.join("leash_config.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&resolved).unwrap_or_default(),
+    )
+    .map_err(|e| LeashError::io(&path, e, "check the output folder is writable"))
 }
 
 /// The state a run starts from: fresh, or restored from `--resume-from-checkpoint` after
@@ -134,6 +158,9 @@ pub(crate) fn initial_state(
     progress: &Progress,
 ) -> Result<TrainerState> {
     let run = RunIdentity::of(cfg)?;
+    let device = vars
+        .first()
+        .map(|(_, v)| crate::device::DeviceChoice::of(v.device()).to_string());
     let Some(dir) = &cfg.resume_from_checkpoint else {
         return Ok(TrainerState {
             global_step: 0,
@@ -142,14 +169,24 @@ pub(crate) fn initial_state(
             monitor_start_logps: None,
             monitor_warned: false,
             run: Some(run),
+            device,
         });
     };
     let saved = super::checkpoint::read_state(dir)?;
     for warning in check_resume(dir, saved.run.as_ref(), &run)? {
         progress.println(warning);
     }
+    // Another device is no reason to refuse: weights and moments are read onto this one.
+    if let (Some(was), Some(now)) = (&saved.device, &device) {
+        if was != now {
+            progress.println(format!(
+                "note: the checkpoint was trained on {was}, this run continues on {now} (same trajectory, up to the two devices' floating-point rounding)"
+            ));
+        }
+    }
     let mut state = load_checkpoint(dir, vars, opt)?;
     state.run = Some(run);
+    state.device = device;
     // A resume into the folder that logged steps past the checkpoint logs them again.
     trim_metrics(&cfg.output_dir, state.global_step)?;
     progress.println(format!(
@@ -162,9 +199,8 @@ pub(crate) fn initial_state(
 
 /// Runs training as configured. Progress and human lines go to stderr.
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
-    let mut progress = check_output_dir(cfg)?;
+    let (device, mut progress) = open_run(cfg)?;
     install_ctrl_c();
-    let device = Device::Cpu;
     let frozen = FrozenDtype::parse(&cfg.frozen_dtype)?;
     let (base, tokenizer) = load_model_as(&cfg.model, &device, frozen)?;
     let bs = cfg.per_device_train_batch_size;
@@ -196,12 +232,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             train_data.dropped, cfg.max_length
         ));
     }
-    let config_path = cfg.output_dir.join("leash_config.json");
-    std::fs::write(
-        &config_path,
-        serde_json::to_string_pretty(cfg).unwrap_or_default(),
-    )
-    .map_err(|e| LeashError::io(&config_path, e, "check the output folder is writable"))?;
+    write_config(cfg, &device)?;
 
     let total_params = base.num_parameters();
     let built = build_policy(cfg, base, &device)?;
@@ -384,14 +415,13 @@ pub fn evaluate(
     pad_id: u32,
     step: usize,
 ) -> Result<Map<String, Value>> {
-    let device = Device::Cpu;
     let ctx = StepContext {
         cfg,
         policy,
         policy_frozen: policy,
         reference,
         pad_id,
-        device: &device,
+        device: policy.device(),
     };
     let mut acc = Accumulator::default();
     let mut losses = Vec::new();

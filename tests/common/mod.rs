@@ -4,15 +4,31 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod logps_check;
+pub mod train_check;
+
+/// The repository the tests read fixtures from: where they were built, or `LEASH_REPO` when a
+/// test binary runs elsewhere (scripts/gpu-check.sh on a GPU machine).
+pub fn repo() -> PathBuf {
+    std::env::var_os("LEASH_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf())
+}
+
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    repo().join("tests/fixtures").join(name)
+}
+
+/// The `leash` binary the tests run: the one Cargo built, or `LEASH_BIN` (as [`repo`]).
+pub fn leash_bin() -> PathBuf {
+    std::env::var_os("LEASH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_leash")))
 }
 
 /// Runs the built `leash` binary with `args`.
 pub fn leash(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_leash"))
+    Command::new(leash_bin())
         .args(args)
         .output()
         .expect("run leash")

@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{gemm_into_serial, Mat};
-use super::{data, dot, is_f32, sum};
+use super::{data, dot, exp_or_zero, is_f32, sum};
 
 /// Whether the kernel takes these operands: all f32 (shapes are checked by [`attention`]).
 pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> bool {
@@ -184,7 +184,7 @@ impl CustomOp3 for Attention {
                         max = max.max(*x);
                     }
                     for x in row.iter_mut() {
-                        *x = (*x - max).exp();
+                        *x = exp_or_zero(*x - max);
                     }
                     let total = sum(row);
                     for x in row.iter_mut() {

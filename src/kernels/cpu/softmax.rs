@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{data, dot, is_f32, sum, ROWS_PER_TASK};
+use super::{data, dot, exp_or_zero, is_f32, sum, ROWS_PER_TASK};
 
 /// Whether the kernel takes `x`: f32.
 pub fn supports(x: &Tensor) -> bool {
@@ -40,7 +40,7 @@ impl CustomOp1 for Softmax {
             .for_each(|(y, x)| {
                 let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - max).exp();
+                    *y = exp_or_zero(x - max);
                 }
                 let total = sum(y);
                 for y in y.iter_mut() {

@@ -1,0 +1,61 @@
+//! GPU checks (issue 13): the CPU's goldens and parity on an NVIDIA GPU. scripts/gpu-check.sh
+//! runs this file's test binary, built with `--features cuda` by
+//! scripts/build-gpu-artifacts.sh, on a GPU machine (`LEASH_BIN` and `LEASH_REPO` point it at
+//! the carried binary and the repository) with `--include-ignored`. Each test is `#[ignore]`d
+//! with the reason, so `cargo test` on a machine without a GPU compiles them and lists them as
+//! ignored instead of passing them; run where there is no usable GPU, they fail saying why.
+
+mod common;
+use common::logps_check::{compare, golden_rows, run_logps_with};
+use common::train_check::check_against_golden;
+use leash::device::DeviceChoice;
+use leash::train::config::Method;
+
+/// Fails the test, saying why, when CUDA device 0 cannot be opened.
+fn require_gpu() {
+    if let Err(e) = candle_core::Device::new_cuda(0) {
+        panic!("this test needs a CUDA GPU and a binary built with --features cuda: {e}");
+    }
+}
+
+/// Per-row log-probs on the GPU in f32 equal the CPU path's and the goldens (TRL's for Llama,
+/// transformers' for Qwen2 and GPT-2) within 1e-4, as on the CPU.
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn logps_on_the_gpu_match_the_goldens_and_the_cpu() {
+    require_gpu();
+    let cases = [
+        (
+            "tiny-llama",
+            "tiny-llama/golden/logps.json",
+            &["examples", "test"][..],
+        ),
+        ("tiny-qwen2", "tiny-qwen2/golden_logps.json", &["rows"][..]),
+        ("tiny-gpt2", "tiny-gpt2/golden_logps.json", &["rows"][..]),
+    ];
+    for (model, golden, key) in cases {
+        let data = "tiny-llama/pref_test.jsonl";
+        let on_gpu = run_logps_with(model, data, &["--device", "cuda"]);
+        compare(
+            &on_gpu,
+            &golden_rows(golden, key),
+            &format!("{model} on cuda vs golden"),
+        );
+        let on_cpu = run_logps_with(model, data, &["--device", "cpu"]);
+        compare(&on_gpu, &on_cpu, &format!("{model} on cuda vs cpu"));
+    }
+}
+
+/// Every TRL golden trajectory (SFT, DPO, IPO, KTO, ORPO; 30 steps) on the GPU in f32, with the
+/// CPU's tolerances.
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn trl_golden_trajectories_on_the_gpu() {
+    require_gpu();
+    let gpu = Some(DeviceChoice::Cuda(0));
+    check_against_golden(Method::Sft, "sft_train.jsonl", "sft", None, gpu);
+    check_against_golden(Method::Dpo, "pref_train.jsonl", "dpo", None, gpu);
+    check_against_golden(Method::Dpo, "pref_train.jsonl", "ipo", Some("ipo"), gpu);
+    check_against_golden(Method::Kto, "kto_train.jsonl", "kto", None, gpu);
+    check_against_golden(Method::Orpo, "pref_train.jsonl", "orpo", None, gpu);
+}
