@@ -8,6 +8,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod files;
+pub mod kernels;
 pub mod lab;
 pub mod loss;
 pub mod merge;

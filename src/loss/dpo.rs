@@ -12,8 +12,8 @@
 
 use candle_core::Tensor;
 
-use super::log_sigmoid::log_sigmoid;
 use crate::error::{LeashError, Result};
+use crate::kernels::log_sigmoid;
 
 pub const LOSS_TYPES: &[&str] = &["sigmoid", "hinge", "ipo"];
 
@@ -63,7 +63,7 @@ pub struct DpoOutput {
     pub rejected_rewards: Tensor,
 }
 
-/// −log σ(z), stable, with an exact gradient at z = 0 (see [`super::log_sigmoid`]).
+/// −log σ(z), stable, with an exact gradient at z = 0 (see [`crate::kernels::log_sigmoid`]).
 pub fn neg_log_sigmoid(z: &Tensor) -> candle_core::Result<Tensor> {
     log_sigmoid(z)?.neg()
 }

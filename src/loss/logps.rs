@@ -2,17 +2,16 @@
 //!
 //! Only the hidden states that predict scored tokens go through the lm_head, so the logits
 //! are (scored tokens × vocab), never (all tokens × vocab); the lm_head, log-softmax and gather
-//! are one op ([`super::lm_head_logprob`]) that holds no (tokens × vocab) tensor twice and
-//! yields TRL's per-token statistics from the same pass.
+//! are one op ([`crate::kernels::head_logprobs`]) that holds no (tokens × vocab) tensor twice
+//! and yields TRL's per-token statistics from the same pass.
 //!
 //! Legend: b batch, t time, c channels, n scored tokens, v vocab, s sequences.
 
 use candle_core::{Tensor, D};
 
-use super::lm_head_logprob::head_logprobs;
-use super::token_logprob::RowStats;
 use crate::data::collate::Collated;
 use crate::error::Result;
+use crate::kernels::{head_logprobs, RowStats};
 use crate::model::Decoder;
 
 /// Log-probs of one collated batch.

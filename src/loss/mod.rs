@@ -3,8 +3,11 @@
 pub mod dpo;
 pub mod grpo;
 pub mod kto;
-pub mod lm_head_logprob;
-pub mod log_sigmoid;
 pub mod logps;
 pub mod orpo;
-pub mod token_logprob;
+
+/// Per-token statistics under their former path; the lm_head, log-softmax + gather and
+/// log-sigmoid ops live in [`crate::kernels`].
+pub mod token_logprob {
+    pub use crate::kernels::row_stats::{row_stats, stats_of_row, RowStats};
+}

@@ -19,10 +19,11 @@ use super::config::{FamilyExtra, ModelConfig};
 use super::frozen_dtype::{compute_dtype, upcast};
 use super::gemma3_config::Gemma3Params;
 use super::linear::Linear;
-use super::ops::{apply_rope, attention_composed, rms_norm, rope_inv_freq, rope_tables, MASKED};
+use super::ops::{rope_inv_freq, rope_tables, MASKED};
 use super::params::ParamLoader;
-use super::{fused, fused_attention, ForwardInput};
+use super::ForwardInput;
 use crate::error::{LeashError, Result};
+use crate::kernels::{apply_rope, attention, rms_norm};
 
 struct Layer {
     input_norm: Tensor,
@@ -55,22 +56,6 @@ pub struct Gemma3 {
 /// load, so that a trained `w` (updated in place) is always seen.
 fn norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     rms_norm(x, &(w + 1.0)?, eps)
-}
-
-/// Attention with an explicit score scale (Gemma's is not head_dim^-½).
-fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    scale: f64,
-) -> candle_core::Result<Tensor> {
-    if [q, k, v, mask].iter().all(|t| fused::applies(t)) {
-        return fused_attention::attention(q, k, v, mask, scale);
-    }
-    // The composed path scales by head_dim^-½; fold the rest of the scale into q.
-    let d = q.dim(3)? as f64;
-    attention_composed(&(q * (scale * d.sqrt()))?, k, v, mask)
 }
 
 /// Extra additive mask (b, 1, t, s) hiding keys `window` or more positions behind the query.

@@ -15,10 +15,11 @@ use super::checkpoint::{checkpoint, LayerFn};
 use super::config::ModelConfig;
 use super::frozen_dtype::upcast;
 use super::linear::Linear;
-use super::ops::{attention, layer_norm};
+use super::ops::layer_norm;
 use super::params::ParamLoader;
 use super::ForwardInput;
 use crate::error::{LeashError, Result};
+use crate::kernels::attention;
 
 struct Norm {
     weight: Tensor,
@@ -194,7 +195,7 @@ fn block_forward(
         Some((cache, l)) => cache.append(l, &split(1)?, &split(2)?)?,
         None => (split(1)?, split(2)?),
     };
-    let y = attention(&split(0)?, &k, &v, mask)?;
+    let y = attention(&split(0)?, &k, &v, mask, 1.0 / (d as f64).sqrt())?;
     let y = y.transpose(1, 2)?.reshape((b, t, c))?;
     let x = (x + blk.c_proj.forward(&y)?)?;
     let m = layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;

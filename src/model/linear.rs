@@ -2,21 +2,19 @@
 //! adapter. GPT-2's `Conv1D` stores W transposed, (in, out); `transposed` marks that layout
 //! so the weights stay byte-identical to the checkpoint and save back under the same name.
 //!
-//! A frozen W under an adapter goes through the fused op of [`super::lora_fused`] (one output,
-//! no gradient for W; training dropout inside it) on CPU in f32/f64, else through
-//! [`FrozenMatmul`] plus the composed low-rank path: candle's matmul backward always computes
-//! the gradient of both operands, which for a frozen base would cost a weight-sized gradient
-//! per layer per step for nothing.
+//! The products themselves are [`crate::kernels`] ops: [`kernels::lora_linear`] for a layer
+//! with an adapter (a fused CPU op, or the composed path on other devices) and
+//! [`kernels::frozen_matmul`] otherwise; either way a frozen W gets no gradient (a LoRA base
+//! would otherwise cost a weight-sized gradient per layer per step for nothing). This file
+//! draws LoRA's training dropout masks, so both paths see the same ones.
 //!
 //! A frozen W may be held in bf16/f16 ([`super::frozen_dtype`]); both paths upcast it to f32
 //! right before each product (forward and the input gradient), so no f32 copy outlives it.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Storage, Tensor};
+use candle_core::{Module, Tensor};
 
-use super::frozen_dtype::{is_half, upcast};
 use super::lora::Adapter;
-use super::lora_fused;
+use crate::kernels;
 
 #[derive(Clone)]
 pub struct Linear {
@@ -73,110 +71,30 @@ impl Module for Linear {
         let inp = dims[dims.len() - 1];
         let x2 = x.reshape((x.elem_count() / inp, inp))?; // (rows, in)
         let w = self.weight_in_out()?; // (in, out)
+        let bias = self.bias.as_ref();
         let y = match &self.lora {
-            Some(ad) if lora_fused::applies(&x2, &w, self.bias.as_ref(), &ad.a, &ad.b) => {
-                let bias = self.bias.as_ref();
-                if ad.dropout > 0.0 && ad.a.is_variable() {
-                    // Training: the adapter sees a freshly dropped-out copy of its input.
-                    let keep = dropout_tape::mask(x2.elem_count(), ad.dropout)?;
-                    lora_fused::lora_linear_dropout(
-                        &x2, &w, bias, &ad.a, &ad.b, ad.scale, keep, ad.dropout,
-                    )?
+            Some(ad) => {
+                // Training: the adapter sees a freshly dropped-out copy of its input (the
+                // same seeded, checkpoint-replayed masks on both kernel paths).
+                let dropout = if ad.dropout > 0.0 && ad.a.is_variable() {
+                    Some((dropout_tape::mask(x2.elem_count(), ad.dropout)?, ad.dropout))
                 } else {
-                    lora_fused::lora_linear(&x2, &w, bias, &ad.a, &ad.b, ad.scale)?
-                }
+                    None
+                };
+                kernels::lora_linear(&x2, &w, bias, (&ad.a, &ad.b), ad.scale, dropout)?
             }
-            lora => {
-                let mut y = frozen_matmul(&x2, &w)?;
-                if let Some(b) = &self.bias {
-                    y = y.broadcast_add(b)?;
+            None => {
+                let y = kernels::frozen_matmul(&x2, &w)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
                 }
-                if let Some(ad) = lora {
-                    let xin = if ad.dropout > 0.0 && ad.a.is_variable() {
-                        // The same seeded (and checkpoint-replayed) masks as the fused path.
-                        let keep = dropout_tape::mask(x2.elem_count(), ad.dropout)?;
-                        let keep = Tensor::from_vec(keep, x2.shape(), x2.device())?
-                            .to_dtype(x2.dtype())?;
-                        ((x2 * keep)? * (1.0 / (1.0 - ad.dropout)))?
-                    } else {
-                        x2
-                    };
-                    let low = xin.matmul(&ad.a.t()?)?; // (rows, r)
-                                                       // Scale the small (r, out) factor, not the (rows, out) activation.
-                    y = (y + low.matmul(&(ad.b.t()? * ad.scale)?)?)?;
-                }
-                y
             }
         };
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
         out_dims[last] = y.dim(1)?;
         y.reshape(out_dims)
-    }
-}
-
-/// `x · w` for x (n, k) and w (k, m). When x tracks gradients and w does not (a frozen base
-/// under LoRA, the frozen lm_head), on CPU, the product goes through [`FrozenMatmul`] so that
-/// backward computes no gradient for w; otherwise it is candle's matmul. A bf16/f16 w is
-/// upcast for the product only (exact).
-pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if x.track_op() && !w.track_op() && x.device().is_cpu() && w.device().is_cpu() {
-        x.apply_op1(FrozenMatmul { w: w.clone() })
-    } else if is_half(w.dtype()) && !is_half(x.dtype()) {
-        x.matmul(&upcast(w)?.to_dtype(x.dtype())?)
-    } else {
-        x.matmul(w)
-    }
-}
-
-/// `x · W` for a frozen W (in, out): backward returns only the input's gradient `g · Wᵀ`.
-/// The forward multiplies x's and W's storages in place (candle's CPU matmul, any strides).
-struct FrozenMatmul {
-    w: Tensor,
-}
-
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        // A half-precision W is upcast to x's dtype for this product only.
-        let w = if self.w.dtype() != s.dtype() {
-            self.w.to_dtype(s.dtype())?
-        } else {
-            self.w.clone()
-        };
-        let (w_storage, wl) = w.storage_and_layout();
-        let Storage::Cpu(ws) = &*w_storage else {
-            candle_core::bail!("frozen-matmul: the weight must be on the CPU")
-        };
-        let (&[m, k], &[k2, n]) = (l.dims(), wl.dims()) else {
-            candle_core::bail!(
-                "frozen-matmul: expected 2-d operands, got {:?} and {:?}",
-                l.dims(),
-                wl.dims()
-            )
-        };
-        if k != k2 {
-            candle_core::bail!("frozen-matmul: ({m}, {k}) · ({k2}, {n})")
-        }
-        let y = s.matmul(ws, (1, m, n, k), l, wl)?;
-        Ok((y, Shape::from((m, n))))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let w = if self.w.dtype() != grad.dtype() {
-            self.w.to_dtype(grad.dtype())?
-        } else {
-            self.w.clone()
-        };
-        Ok(Some(grad.matmul(&w.t()?)?))
     }
 }
 

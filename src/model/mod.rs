@@ -5,16 +5,16 @@ pub mod checkpoint;
 pub mod config;
 pub mod config_keys;
 pub mod frozen_dtype;
-pub mod fused;
-pub mod fused_attention;
-mod gemm;
 pub mod gemma3;
 pub mod gemma3_config;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
 pub mod lora;
-pub mod lora_fused;
+/// The fused LoRA op under its former path; it lives in [`crate::kernels::cpu::lora_linear`].
+pub mod lora_fused {
+    pub use crate::kernels::cpu::lora_linear::{lora_linear, lora_linear_dropout};
+}
 pub mod lora_targets;
 pub mod ops;
 pub mod params;

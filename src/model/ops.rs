@@ -1,33 +1,13 @@
-//! Differentiable building blocks of the decoders.
-//!
-//! candle-nn's fused `rms_norm`, `layer_norm`, `softmax_last_dim` and `rope` have no backward
-//! pass and drop gradients silently (candle #2168, #3568, #3569), so everything here is either
-//! composed from ops whose backward candle implements or a custom op with its own `bwd`.
-//! `rms_norm`, `softmax`, `apply_rope` and `swiglu` take our fused CPU kernels (`fused.rs`)
-//! for f32 on CPU and the composed `*_composed` reference path otherwise (f64
-//! finite-difference tests, other devices); `fused.rs` tests each kernel against it.
+//! Building blocks of the decoders that are not device kernels: LayerNorm (composed from
+//! candle ops, whose backward candle implements), the rotary tables, and attention masks.
+//! RMSNorm, softmax, RoPE, SwiGLU and attention are in [`crate::kernels`], which picks a
+//! fused CPU kernel or the composed path per device.
 //!
 //! Legend: b batch, t time, h heads, d head dim, c channels.
 
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::RopeScaling;
-use super::fused;
-
-/// RMSNorm as Hugging Face computes it: `w ⊙ x / sqrt(mean(x²) + eps)`, mean(x²) in f32.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if fused::applies(x) && fused::applies(weight) && weight.dims() == [x.dim(D::Minus1)?] {
-        fused::rms_norm(x, weight, eps)
-    } else {
-        rms_norm_composed(x, weight, eps)
-    }
-}
-
-/// Reference path of [`rms_norm`] (any dtype and device).
-pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv_rms)?.broadcast_mul(weight)
-}
 
 /// LayerNorm over the last dim with biased variance, as PyTorch computes it.
 pub fn layer_norm(
@@ -44,34 +24,6 @@ pub fn layer_norm(
         .broadcast_mul(&inv_std)?
         .broadcast_mul(weight)?
         .broadcast_add(bias)
-}
-
-/// Softmax along the last dim, with a backward pass.
-pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
-    if fused::applies(x) {
-        fused::softmax(x)
-    } else {
-        softmax_composed(x)
-    }
-}
-
-/// Reference path of [`softmax`]: max, subtract, exp, sum, divide.
-pub fn softmax_composed(x: &Tensor) -> candle_core::Result<Tensor> {
-    candle_nn::ops::softmax(x, D::Minus1)
-}
-
-/// SwiGLU's gating `silu(gate) ⊙ up`, with a backward pass.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    if fused::applies(gate) && fused::applies(up) && gate.shape() == up.shape() {
-        fused::swiglu(gate, up)
-    } else {
-        swiglu_composed(gate, up)
-    }
-}
-
-/// Reference path of [`swiglu`].
-pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    candle_nn::ops::silu(gate)? * up
 }
 
 /// Rotary inverse frequencies (head_dim / 2 of them), computed in f32 like transformers.
@@ -132,63 +84,6 @@ pub fn rope_tables(
         Tensor::from_vec(cos, shape, device)?,
         Tensor::from_vec(sin, shape, device)?,
     ))
-}
-
-/// Applies rotary embedding: `x ⊙ cos + rotate_half(x) ⊙ sin`.
-/// x: (b, h, t, d); cos, sin: (b, 1, t, d).
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    if fused::rope_applies(x, cos, sin) {
-        fused::apply_rope(x, cos, sin)
-    } else {
-        apply_rope_composed(x, cos, sin)
-    }
-}
-
-/// Reference path of [`apply_rope`]: narrow, negate, concatenate, two products and a sum.
-pub fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-}
-
-/// Scaled dot-product attention with an additive mask, grouped-query aware without copying
-/// k/v: the `rep` query heads sharing one kv head are folded into the time axis.
-/// q: (b, hq, t, d); k, v: (b, hkv, s, d); mask: (b, 1, t, s) additive (0 or large negative).
-/// Returns (b, hq, t, d).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-    if fused::applies(q) && fused::applies(k) && fused::applies(v) && fused::applies(mask) {
-        let scale = 1.0 / (q.dim(3)? as f64).sqrt();
-        return super::fused_attention::attention(q, k, v, mask, scale);
-    }
-    attention_composed(q, k, v, mask)
-}
-
-/// Reference path of [`attention`], composed from candle ops.
-pub fn attention_composed(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let (b, hq, t, d) = q.dims4()?;
-    let hkv = k.dim(1)?;
-    let s = k.dim(2)?;
-    let rep = hq / hkv;
-    let scale = 1.0 / (d as f64).sqrt();
-    let q = q.contiguous()?.reshape((b, hkv, rep * t, d))?;
-    let mask = mask.to_dtype(q.dtype())?;
-    let mask = if rep > 1 {
-        mask.unsqueeze(2)?
-            .broadcast_as((b, 1, rep, t, s))?
-            .reshape((b, 1, rep * t, s))?
-    } else {
-        mask
-    };
-    let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?.broadcast_add(&mask)?; // (b, hkv, rep*t, s)
-    let probs = softmax(&scores)?;
-    probs.matmul(&v.contiguous()?)?.reshape((b, hq, t, d))
 }
 
 /// Additive attention mask (b, 1, t, t): causal within each row, never attending to padding

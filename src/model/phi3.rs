@@ -20,10 +20,11 @@ use super::checkpoint::{checkpoint, LayerFn};
 use super::config::{FamilyExtra, ModelConfig, RopeScaling};
 use super::frozen_dtype::{compute_dtype, upcast};
 use super::linear::Linear;
-use super::ops::{apply_rope, attention, rms_norm, rope_inv_freq, rope_tables, swiglu};
+use super::ops::{rope_inv_freq, rope_tables};
 use super::params::ParamLoader;
 use super::{Family, ForwardInput};
 use crate::error::{LeashError, Result};
+use crate::kernels::{apply_rope, attention, rms_norm, swiglu};
 
 /// What only Phi-3 reads.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -412,7 +413,7 @@ fn layer_forward(
         Some((c, l)) => c.append(l, &k, &v)?, // (b, hkv, s, d)
         None => (k, v),
     };
-    let y = attention(&q, &k, &v, mask)?; // (b, hq, t, d)
+    let y = attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?; // (b, hq, t, d)
     let y = y.transpose(1, 2)?.reshape((b, t, hq * d))?;
     let x = (x + layer.o.forward(&y)?)?;
     let h = rms_norm(&x, &layer.post_norm, cfg.norm_eps)?;

@@ -445,11 +445,16 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(&tracked, lhs, &lhs_grad)?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(&tracked, rhs, &rhs_grad)?;
+                        // leash patch: an operand that leads to no variable (a frozen
+                        // weight, a constant) gets no gradient, so none is computed.
+                        if tracked.contains(&lhs.id()) {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(&tracked, lhs, &lhs_grad)?;
+                        }
+                        if tracked.contains(&rhs.id()) {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(&tracked, rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -731,11 +736,15 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// leash patch: adds `grad` to `tensor`'s gradient. The first contribution is stored as
     /// is instead of being added to a zero-filled buffer (`or_insert`), and contributions to
     /// tensors outside `tracked` are dropped. Same values: 0 + g = g exactly.
+    ///
+    /// A first contribution that is a strided view (a transpose's or a broadcast's backward)
+    /// is made contiguous when `tensor` is an op's result, as stock candle's `zeros + g` did:
+    /// that gradient is handed to the op's own backward, and some (matmul with batch dims
+    /// out of order: `MatMulUnexpectedStriding`, "non-contiguous lhs") refuse strided
+    /// gradients. A variable's gradient is stored as is (no backward reads it).
     fn accumulate(
         &mut self,
         tracked: &HashSet<TensorId>,
@@ -751,12 +760,18 @@ impl GradStore {
                 e.insert(s);
             }
             Entry::Vacant(e) => {
-                e.insert(grad.clone());
+                if grad.is_contiguous() || tensor.op().is_none() {
+                    e.insert(grad.clone());
+                } else {
+                    e.insert(grad.contiguous()?);
+                }
             }
         }
         Ok(())
     }
 
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),

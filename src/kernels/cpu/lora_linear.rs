@@ -1,13 +1,13 @@
 //! Fused LoRA linear layer over a frozen base, on CPU: one op computes
 //! `y = x·W + b + s·(x·Aᵀ)·Bᵀ` into a single output and has its own backward.
 //!
-//! Why: the composed path (`linear.rs`) keeps three activation-sized tensors per adapted layer
-//! for backward (the base output, the low-rank product, their sum) and, through candle's
-//! matmul backward, would also compute a weight-sized gradient for the frozen W. Here the graph
-//! keeps only x (already alive as the previous op's output) and the op's output; the base
-//! matmul and the low-rank update are accumulated in place by gemm, and backward recomputes
-//! the small (n, r) product `x·Aᵀ` instead of keeping it.
+//! Why: the composed path (`kernels::composed::lora_linear`) keeps three activation-sized
+//! tensors per adapted layer for backward (the base output, the low-rank product, their sum).
+//! Here the graph keeps only x (already alive as the previous op's output) and the op's
+//! output; the base matmul and the low-rank update are accumulated in place by gemm, and
+//! backward recomputes the small (n, r) product `x·Aᵀ` instead of keeping it.
 //!
+//! Reference: PEFT's `lora.Linear.forward` (`base(x) + lora_B(lora_A(dropout(x))) · scaling`).
 //! Backward (g the upstream gradient, W as (in, out)):
 //!   dx = g·Wᵀ + s·(g·B)·A,   dA = s·(g·B)ᵀ·x,   dB = s·gᵀ·(x·Aᵀ).
 //! W and b are held by the op, not passed as inputs, so they get no gradient and no entry in
@@ -16,8 +16,8 @@
 //! on the low-rank branch only, from a 0/1 keep mask the op holds (one byte per input element).
 //!
 //! f32 and f64 (the f64 path exists so gradients can be checked by finite differences);
-//! `tests/gradients.rs` checks output and all three gradients against the composed path and
-//! against finite differences.
+//! tests/gradients.rs checks it against finite differences, tests/kernels/ against the
+//! composed path (with and without dropout).
 //!
 //! Legend: n rows (all leading dims flattened), i in features, o out features, r rank.
 
@@ -25,16 +25,17 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
 
 use super::gemm::{gemm_into, Float, Mat};
+use crate::model::frozen_dtype::is_half;
 
-/// Whether the fused op takes these operands: everything on CPU in the same f32/f64 dtype,
-/// and the base weight and bias frozen.
-pub fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor) -> bool {
+/// Whether the fused op takes these operands: x, A, B (and the bias) in one f32/f64 dtype, W
+/// in it or in bf16/f16, and the base weight and bias frozen (tracking no gradient).
+pub fn supports(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor) -> bool {
     let dt = x.dtype();
     let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == dt;
     matches!(dt, DType::F32 | DType::F64)
         && ok(x)
         && w.device().is_cpu()
-        && (w.dtype() == dt || super::frozen_dtype::is_half(w.dtype()))
+        && (w.dtype() == dt || is_half(w.dtype()))
         && ok(a)
         && ok(b)
         && bias.is_none_or(|t| ok(t) && !t.track_op())
@@ -42,7 +43,7 @@ pub fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Te
 }
 
 /// x (n, i), w_io (i, o) frozen, bias (o) frozen, a (r, i), b (o, r) → (n, o).
-/// Operands must satisfy [`applies`].
+/// Operands must pass [`supports`].
 pub fn lora_linear(
     x: &Tensor,
     w_io: &Tensor,

@@ -1,20 +1,26 @@
-//! log σ(z) with an exact gradient everywhere.
+//! log σ(z) on the CPU (f32), with an exact gradient everywhere.
 //!
 //! The usual stable composition −(relu(−z) + log(1 + e^{−|z|})) has kinks at z = 0 whose
 //! subgradients candle picks inconsistently: at z = 0 (every DPO pair at step 0, where the
 //! policy equals the reference) it gave 3× the true gradient. This op computes the value
-//! stably and the gradient as σ(−z).
+//! stably, min(z, 0) − log1p(e^{−|z|}), and the gradient as σ(−z). The composed path
+//! (`kernels::composed::log_sigmoid`) selects a smooth branch per sign instead; tests/kernels/
+//! checks the two agree, at z = 0 and far out in both tails.
+//!
+//! Reference: PyTorch's `F.logsigmoid` (TRL's DPO loss `-F.logsigmoid(beta * logits)`).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-/// Elementwise log σ(z), stable for large |z|.
+use super::is_f32;
+
+/// Whether the kernel takes `z`: f32.
+pub fn supports(z: &Tensor) -> bool {
+    is_f32(z)
+}
+
+/// Elementwise log σ(z), stable for large |z|. `z` must pass [`supports`].
 pub fn log_sigmoid(z: &Tensor) -> candle_core::Result<Tensor> {
-    if z.device().is_cpu() && z.dtype() == candle_core::DType::F32 {
-        z.contiguous()?.apply_op1(LogSigmoid)
-    } else {
-        // Other devices/dtypes: log of sigmoid; saturates below z ≈ −88 in f32.
-        candle_nn::ops::sigmoid(z)?.log()
-    }
+    z.contiguous()?.apply_op1(LogSigmoid)
 }
 
 fn log_sigmoid_f32(z: f32) -> f32 {

@@ -1,9 +1,9 @@
 //! The lm_head and the log-softmax + gather as one op, `log softmax(h·Wᵀ)[target]` per row,
 //! with an exact backward that never holds a (tokens × vocab) tensor twice.
 //!
-//! The composed path (matmul, then [`super::token_logprob`]) keeps the (n, v) logits for
-//! backward and then writes an (n, v) gradient beside them: two f32 copies, 1.2 GB for 1,000
-//! tokens of a 151,936-word vocabulary. Here forward computes the logits (for TRL's metrics
+//! The composed path (`kernels::composed::head_logprobs`: matmul, log-softmax, gather) keeps
+//! the (n, v) logits for backward and then writes an (n, v) gradient beside them: two f32
+//! copies, 1.2 GB for 1,000 tokens of a 151,936-word vocabulary. Here forward computes the logits (for TRL's metrics
 //! too: entropy, mean logit, top-1 hit, in the same pass as the normaliser) and keeps, per
 //! row, only the log-normaliser; backward rebuilds `g·(onehot − softmax)` one chunk of rows at
 //! a time and multiplies it out at once into the hidden states' and the weight's gradients.
@@ -14,14 +14,16 @@
 //! Reference: the composed `log_softmax(x @ W.T).gather(target)` (PyTorch / TRL's
 //! `selective_log_softmax`); checked against it and finite differences in the tests below.
 //!
+//! CPU only: the chunk loop reads logits in host memory.
+//!
 //! Legend: n scored rows, c channels, v vocab.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::token_logprob::{composed_token_logprobs, row_stats, RowStats};
+use crate::kernels::row_stats::{stats_of_row, RowStats};
+use crate::kernels::HeadLogprobs;
 use crate::model::frozen_dtype::{is_half, upcast};
-use crate::model::linear::frozen_matmul;
 
 /// Logits up to this size (n·v·4 bytes) are kept from forward to backward; larger ones are
 /// recomputed chunk by chunk.
@@ -30,65 +32,33 @@ pub const KEEP_LOGITS_BYTES: usize = 64 << 20;
 /// Rows per chunk: about this many logits (16 MiB of f32) at a time.
 const CHUNK_ELEMS: usize = 4 << 20;
 
-/// Per-row log-probs of the targets, and TRL's per-token statistics when asked for.
-pub struct HeadLogprobs {
-    /// (n,) log π(target).
-    pub token_logps: Tensor,
-    /// One per row when requested, else empty.
-    pub stats: Vec<RowStats>,
+/// Whether the kernel takes these operands: f32 hidden states, an f32 or bf16/f16 weight.
+pub fn supports(hidden: &Tensor, weight: &Tensor) -> bool {
+    hidden.dtype() == DType::F32 && (weight.dtype() == DType::F32 || is_half(weight.dtype()))
 }
 
-/// `log_softmax(hidden · weightᵀ)[targets]` for hidden (n, c), weight (v, c).
+/// `log_softmax(hidden · weightᵀ)[targets]` for hidden (n, c), weight (v, c), with the
+/// default chunking. Operands must pass [`supports`].
 pub fn head_logprobs(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &[u32],
     want_stats: bool,
 ) -> candle_core::Result<HeadLogprobs> {
-    let fused = hidden.device().is_cpu()
-        && hidden.dtype() == DType::F32
-        && (weight.dtype() == DType::F32 || is_half(weight.dtype()))
-        && weight.device().is_cpu();
-    if fused {
-        chunked(
-            hidden,
-            weight,
-            targets,
-            want_stats,
-            KEEP_LOGITS_BYTES,
-            CHUNK_ELEMS,
-        )
-    } else {
-        composed(hidden, weight, targets, want_stats)
-    }
-}
-
-/// The reference path (any device or dtype): full logits, log-softmax, gather.
-pub fn composed(
-    hidden: &Tensor,
-    weight: &Tensor,
-    targets: &[u32],
-    want_stats: bool,
-) -> candle_core::Result<HeadLogprobs> {
-    // A frozen lm_head (LoRA) gets no (v, c) gradient: see `frozen_matmul`.
-    let logits = frozen_matmul(hidden, &weight.t()?)?;
-    let t = Tensor::new(targets, hidden.device())?;
-    let token_logps = match logits.dtype() {
-        DType::F32 => super::token_logprob::token_logprobs(&logits, &t)?,
-        _ => composed_token_logprobs(&logits, &t)?,
-    };
-    let stats = if want_stats {
-        row_stats(&logits.detach().to_dtype(DType::F32)?, targets)?
-    } else {
-        Vec::new()
-    };
-    Ok(HeadLogprobs { token_logps, stats })
+    chunked(
+        hidden,
+        weight,
+        targets,
+        want_stats,
+        KEEP_LOGITS_BYTES,
+        CHUNK_ELEMS,
+    )
 }
 
 /// One pass over a row: log-normaliser and (optionally) the row's statistics.
 fn row_pass(row: &[f32], target: u32, want_stats: bool) -> (f32, Option<RowStats>) {
     if want_stats {
-        let (l, s) = super::token_logprob::stats_of_row(row, target);
+        let (l, s) = stats_of_row(row, target);
         (l, Some(s))
     } else {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -282,6 +252,7 @@ impl CustomOp2 for LmHeadLogprob {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::composed;
     use candle_core::{Device, Var};
 
     fn randn(shape: (usize, usize), seed: u64) -> Tensor {
@@ -316,7 +287,8 @@ mod tests {
             Var::from_tensor(&(randn((13, 5), 2) * 3.0).unwrap()).unwrap(),
         );
         let up = Tensor::new(&[1f32, -2.0, 0.5, 3.0, 1.5, -0.7, 2.0], &Device::Cpu).unwrap();
-        let reference = composed(h.as_tensor(), w.as_tensor(), &TARGETS, true).unwrap();
+        let reference =
+            composed::head_logprobs(h.as_tensor(), w.as_tensor(), &TARGETS, true).unwrap();
         let gr = (&reference.token_logps * &up)
             .unwrap()
             .sum_all()
@@ -354,7 +326,7 @@ mod tests {
         assert!(got.stats.is_empty());
         let g = got.token_logps.sum_all().unwrap().backward().unwrap();
         assert!(g.get(&w).is_none());
-        let r = composed(h.as_tensor(), &w, &TARGETS, false).unwrap();
+        let r = composed::head_logprobs(h.as_tensor(), &w, &TARGETS, false).unwrap();
         let gr = r.token_logps.sum_all().unwrap().backward().unwrap();
         assert!(max_diff(g.get(&h).unwrap(), gr.get(&h).unwrap()) < 1e-5);
     }

@@ -10,15 +10,24 @@
 //! Per block, with S = scale·Q·Kᵀ + M, P = softmax(S), O = P·V and upstream dO:
 //! dV = Σ_heads Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = scale·dS·K,
 //! dK = Σ_heads scale·dSᵀ·Q — the sums run over the query heads sharing a key/value head
-//! (grouped-query attention). Tested against the composed path in `ops.rs`.
+//! (grouped-query attention). Reference: the composed path (`kernels::composed::attention`,
+//! transformers' `eager_attention_forward`); tests/kernels/ checks output and gradients
+//! against it with grouped-query heads, padding masks and strided inputs.
+//!
+//! Legend: b batch, hq query heads, hkv key/value heads, t queries, s keys, d head dim.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{data, dot, sum};
 use super::gemm::{gemm_into_serial, Mat};
+use super::{data, dot, exp_or_zero, is_f32, sum};
+
+/// Whether the kernel takes these operands: all f32 (shapes are checked by [`attention`]).
+pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> bool {
+    [q, k, v, mask].iter().all(|t| is_f32(t))
+}
 
 /// softmax(scale·q·kᵀ + mask)·v for q (b, hq, t, d), k and v (b, hkv, s, d), mask (b, 1, t, s).
 /// Returns (b, hq, t, d). All f32 on the CPU.
@@ -175,7 +184,7 @@ impl CustomOp3 for Attention {
                         max = max.max(*x);
                     }
                     for x in row.iter_mut() {
-                        *x = super::fused::exp_or_zero(*x - max);
+                        *x = exp_or_zero(*x - max);
                     }
                     let total = sum(row);
                     for x in row.iter_mut() {
@@ -274,77 +283,5 @@ impl CustomOp3 for Attention {
             Some(Tensor::from_vec(dk, (b, hkv, s, d), dev)?),
             Some(Tensor::from_vec(dv, (b, hkv, s, d), dev)?),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::ops::{attention_composed, MASKED};
-    use candle_core::{Device, Var};
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
-    /// Grouped-query heads (6 query heads on 2 kv heads), a causal mask with a padded row,
-    /// non-contiguous v: output and the gradients of q, k, v equal the composed path's.
-    #[test]
-    fn matches_composed_attention_with_gqa_and_padding() {
-        let (b, hq, hkv, t, d) = (2, 6, 2, 7, 5);
-        let mut mask = vec![0f32; b * t * t];
-        for batch in 0..b {
-            let len = if batch == 0 { t } else { 4 };
-            for i in 0..t {
-                for j in 0..t {
-                    if j > i || (j >= len && j != i) {
-                        mask[(batch * t + i) * t + j] = MASKED;
-                    }
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu).unwrap();
-        let q = Var::from_tensor(&randn(&[b, hq, t, d], 1)).unwrap();
-        let k = Var::from_tensor(&randn(&[b, hkv, t, d], 2)).unwrap();
-        let v_store = Var::from_tensor(&randn(&[b, t, hkv, d], 3)).unwrap();
-        let v = v_store.as_tensor().transpose(1, 2).unwrap();
-        let scale = 1.0 / (d as f64).sqrt();
-        let fused = attention(q.as_tensor(), k.as_tensor(), &v, &mask, scale).unwrap();
-        let composed = attention_composed(q.as_tensor(), k.as_tensor(), &v, &mask).unwrap();
-        assert!(max_abs(&fused, &composed) < 1e-5);
-        let w = randn(fused.dims(), 4);
-        let gf = (&fused * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, var) in [("q", &q), ("k", &k), ("v", &v_store)] {
-            let d = max_abs(gf.get(var).unwrap(), gc.get(var).unwrap());
-            assert!(d < 1e-5, "grad of {name} differs by {d}");
-        }
     }
 }
