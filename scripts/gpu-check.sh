@@ -53,14 +53,16 @@ check() {
 check gpu-tests 240 "$work/gpu-tests" --include-ignored --test-threads 1
 
 device_line() {
-  "$LEASH_BIN" bench --device cuda --what forward --steps 1 2>&1 | head -n 1 | tee /dev/stderr | grep -q 'cuda'
+  "$LEASH_BIN" bench --device cuda --what forward --steps 1 2>&1 | head -n 1 | tee /dev/stderr | grep -q '^device: cuda'
 }
-check device-line 60 device_line
+export -f device_line
+check device-line 60 bash -c device_line
 bad_index() {
   "$LEASH_BIN" bench --device cuda:99 --what forward --steps 1
   [ $? -eq 2 ]
 }
-check bad-device-index 60 bad_index
+export -f bad_index
+check bad-device-index 60 bash -c bad_index
 
 check bench-smollm-135m 120 "$LEASH_BIN" bench --device cuda --shape smollm-135m --what dpo --steps 3 --pairs 8
 check bench-qwen2.5-0.5b 150 "$LEASH_BIN" bench --device cuda --shape qwen2.5-0.5b --what dpo --steps 3 --pairs 8
