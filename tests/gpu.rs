@@ -61,13 +61,14 @@ fn trl_golden_trajectories_on_the_gpu() {
 }
 
 /// LoRA DPO on every linear layer (composed LoRA with dropout, frozen base on the GPU) and
-/// Qwen2's biases: 10 steps on the GPU log the same trajectory as on the CPU (loss, rewards,
-/// log-probs, grad norm within 1e-4 relative per step, compounding like the goldens').
+/// Qwen2's biases: 10 steps on the GPU, with and without gradient checkpointing, log the same
+/// trajectory as on the CPU (loss, rewards, log-probs, grad norm within 1e-4 relative per step,
+/// compounding like the goldens').
 #[test]
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
 fn lora_dpo_on_the_gpu_follows_the_cpu_trajectory() {
     require_gpu();
-    let run = |device: DeviceChoice| {
+    let run = |device: DeviceChoice, checkpointing: bool| {
         let dir = tempfile::tempdir().unwrap();
         let mut args = golden_args("pref_train.jsonl", dir.path());
         args.model = Some(common::fixture("tiny-qwen2"));
@@ -75,26 +76,31 @@ fn lora_dpo_on_the_gpu_follows_the_cpu_trajectory() {
         args.use_peft = Some(true);
         args.lora_target_modules = Some("all-linear".into());
         args.device = Some(device);
+        args.gradient_checkpointing = Some(checkpointing);
         leash::train::run(&resolve(Method::Dpo, &args).unwrap()).unwrap();
         read_metrics(dir.path())
     };
-    let (gpu, cpu) = (run(DeviceChoice::Cuda(0)), run(DeviceChoice::Cpu));
-    assert_eq!(gpu.len(), cpu.len());
-    for (step, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-        for key in [
-            "loss",
-            "rewards/chosen",
-            "rewards/rejected",
-            "logps/chosen",
-            "grad_norm",
-        ] {
-            let (a, b) = (g[key].as_f64().unwrap(), c[key].as_f64().unwrap());
-            let tol = 1e-4 * (step + 1) as f64 * b.abs().max(1e-2);
-            assert!(
-                (a - b).abs() <= tol,
-                "step {}: {key} {a} (cuda) vs {b} (cpu)",
-                step + 1
-            );
+    let cpu = run(DeviceChoice::Cpu, false);
+    const KEYS: [&str; 5] = [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "grad_norm",
+    ];
+    for checkpointing in [false, true] {
+        let gpu = run(DeviceChoice::Cuda(0), checkpointing);
+        assert_eq!(gpu.len(), cpu.len());
+        for (step, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+            for key in KEYS {
+                let (a, b) = (g[key].as_f64().unwrap(), c[key].as_f64().unwrap());
+                let tol = 1e-4 * (step + 1) as f64 * b.abs().max(1e-2);
+                assert!(
+                    (a - b).abs() <= tol,
+                    "step {} (checkpointing {checkpointing}): {key} {a} (cuda) vs {b} (cpu)",
+                    step + 1
+                );
+            }
         }
     }
 }

@@ -18,8 +18,11 @@
 use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Mutex};
 
+use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, Var};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var,
+};
 
 use super::linear::dropout_tape;
 
@@ -63,9 +66,6 @@ pub fn checkpoint(x: &Tensor, params: Vec<Tensor>, f: LayerFn) -> candle_core::R
     if !x.track_op() && params.is_empty() {
         return f(x);
     }
-    if !x.device().is_cpu() {
-        candle_core::bail!("gradient checkpointing runs on the CPU only (for now)")
-    }
     let (y, masks) = dropout_tape::record(|| f(&x.detach()))?;
     let op = Checkpoint {
         output: Mutex::new(Some(y.detach())),
@@ -91,15 +91,21 @@ struct Checkpoint {
 }
 
 impl Checkpoint {
-    fn take_output(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+    /// The first run's output; there is only one, and the op's forward runs once.
+    fn take(&self) -> candle_core::Result<Tensor> {
         let y = self
             .output
             .lock()
             .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned lock".into()))?
             .take();
-        let Some(y) = y else {
-            candle_core::bail!("checkpoint: forward ran twice")
-        };
+        match y {
+            Some(y) => Ok(y),
+            None => candle_core::bail!("checkpoint: forward ran twice"),
+        }
+    }
+
+    fn take_output(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
         let flat = y.flatten_all()?;
         let storage = match y.dtype() {
             DType::F32 => CpuStorage::F32(flat.to_vec1()?),
@@ -109,6 +115,23 @@ impl Checkpoint {
             other => candle_core::bail!("checkpoint: unsupported dtype {other:?}"),
         };
         Ok((storage, y.shape().clone()))
+    }
+
+    /// As [`Self::take_output`] on a GPU: the output's device buffer, copied once (candle's
+    /// CUDA `try_clone` copies the whole buffer, so a view is first made a fresh tensor).
+    fn take_output_cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
+        let y = self.take()?;
+        let y = if y.is_contiguous() && y.layout().start_offset() == 0 {
+            y
+        } else {
+            y.copy()?
+        };
+        let shape = y.shape().clone();
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, shape)),
+            _ => candle_core::bail!("checkpoint: the layer's output is not on the GPU"),
+        }
     }
 
     /// Reruns the layer from `x` and returns d(Σ y·grad)/dx; parameter gradients go to
@@ -143,6 +166,10 @@ impl CustomOp1 for Checkpoint {
         self.take_output()
     }
 
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.take_output_cuda()
+    }
+
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         self.rerun(x, grad)
     }
@@ -161,6 +188,16 @@ impl CustomOp2 for Checkpoint {
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.take_output()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.take_output_cuda()
     }
 
     fn bwd(
