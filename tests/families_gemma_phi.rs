@@ -1,5 +1,6 @@
 //! Gemma 3 text and Phi-3 against transformers: summed log-probs equal transformers' within
-//! LOGP_TOL (goldens by scripts/make_family_fixtures_gemma_phi.py on tiny random checkpoints
+//! LOGP_TOL of tests/common/logps_check.rs (goldens by
+//! scripts/make_family_fixtures_gemma_phi.py on tiny random checkpoints
 //! whose configs exercise what the families vary: Gemma 3's head_dim ≠ hidden/heads, mixed
 //! sliding/global layers with a window shorter than the sequences, per-type RoPE; Phi-3's
 //! fused projections, partial rotary, LongRoPE, sliding window, untied head); KV-cache decoding
@@ -18,7 +19,6 @@ use serde_json::Value;
 use std::path::Path;
 
 /// float32 summation-order noise over ≤ 128 tokens stays well under this.
-const LOGP_TOL: f64 = 1e-4;
 /// Cached and recomputed logits differ only by f32 summation order.
 const CACHE_TOL: f32 = 1e-4;
 const FAMILIES: [&str; 2] = ["tiny-gemma3", "tiny-phi3"];
@@ -45,22 +45,9 @@ fn golden(path: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture(path)).unwrap()).unwrap()
 }
 
+/// Row by row against a golden file's `rows` (tests/common/logps_check.rs).
 fn compare(mine: &[Value], golden: &Value, what: &str) {
-    let golden = golden["rows"].as_array().unwrap();
-    assert_eq!(mine.len(), golden.len(), "{what}: row count");
-    for (m, g) in mine.iter().zip(golden) {
-        for key in ["prompt_ids", "chosen_ids", "rejected_ids"] {
-            assert_eq!(m[key], g[key], "{what} row {}: {key}", g["index"]);
-        }
-        for key in ["chosen_logp", "rejected_logp"] {
-            let (a, b) = (m[key].as_f64().unwrap(), g[key].as_f64().unwrap());
-            assert!(
-                (a - b).abs() <= LOGP_TOL,
-                "{what} row {}: {key} {a} vs golden {b}",
-                g["index"]
-            );
-        }
-    }
+    common::logps_check::compare(mine, golden["rows"].as_array().unwrap(), what);
 }
 
 #[test]

@@ -197,57 +197,14 @@ fn gemma3_dpo_matches_trl() {
 }
 
 fn dpo_matches_trl(name: &str) {
-    use leash::train::config::{resolve, Method, TrainArgs};
-    const STEP1_REL: f64 = 1e-5;
-    const TRAJ_REL_PER_STEP: f64 = 5e-5;
-    const REL_FLOOR: f64 = 1e-2;
+    use common::train_check::{compare_trajectory, golden_args};
+    use leash::train::config::{resolve, Method};
     let dir = tempfile::tempdir().unwrap();
-    let args = TrainArgs {
-        model: Some(fixture(name)),
-        dataset: Some(fixture("tiny-llama/pref_train.jsonl")),
-        output_dir: Some(dir.path().to_path_buf()),
-        max_steps: Some(30),
-        per_device_train_batch_size: Some(8),
-        learning_rate: Some(5e-4),
-        lr_scheduler_type: Some("constant".into()),
-        max_grad_norm: Some(1.0),
-        max_length: Some(128),
-        beta: Some(0.1),
-        shuffle: Some(false),
-        logging_steps: Some(1),
-        ..Default::default()
-    };
+    let mut args = golden_args("pref_train.jsonl", dir.path());
+    args.model = Some(fixture(name));
     leash::train::trainer::train(&resolve(Method::Dpo, &args).unwrap()).unwrap();
-    let mine = metrics(dir.path());
-    let text = std::fs::read_to_string(fixture(name).join("golden_dpo.json")).unwrap();
-    let gold: Value = serde_json::from_str(&text).unwrap();
-    let steps = gold["steps"].as_array().unwrap();
-    assert_eq!(mine.len(), steps.len());
-    let mut worst = 0.0f64;
-    for (m, g) in mine.iter().zip(steps) {
-        let step = g["step"].as_u64().unwrap() as f64;
-        assert_eq!(m["step"].as_u64(), g["step"].as_u64());
-        let rel = if step == 1.0 {
-            STEP1_REL
-        } else {
-            TRAJ_REL_PER_STEP * step
-        };
-        for (key, gv) in g.as_object().unwrap() {
-            if ["step", "batch_rows"].contains(&key.as_str()) {
-                continue;
-            }
-            let gv = gv.as_f64().unwrap();
-            let mv = m[key]
-                .as_f64()
-                .unwrap_or_else(|| panic!("step {step} lacks `{key}`"));
-            let tol = rel * gv.abs().max(REL_FLOOR);
-            worst = worst.max((mv - gv).abs() / tol);
-            assert!(
-                (mv - gv).abs() <= tol,
-                "{name} dpo step {step} {key}: {mv} vs TRL {gv} (tol {tol:e})"
-            );
-        }
-    }
+    let golden = fixture(name).join("golden_dpo.json");
+    let worst = compare_trajectory(&metrics(dir.path()), &golden, &format!("{name} dpo"));
     eprintln!(
         "{name} dpo vs TRL: worst {:.0}% of the tolerance",
         worst * 100.0

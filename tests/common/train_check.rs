@@ -55,12 +55,18 @@ pub fn check_against_golden(
         args.beta = None;
     }
     leash::train::trainer::train(&resolve(method, &args).unwrap()).unwrap();
-    let mine = read_metrics(dir.path());
-    let text =
-        std::fs::read_to_string(fixture(&format!("tiny-llama/golden/{golden}.json"))).unwrap();
+    let golden_file = fixture(&format!("tiny-llama/golden/{golden}.json"));
+    compare_trajectory(&read_metrics(dir.path()), &golden_file, golden);
+}
+
+/// Every logged metric of `mine` against TRL's trajectory in `golden_file`, step by step,
+/// within the tolerances above; returns the worst error as a fraction of its tolerance.
+pub fn compare_trajectory(mine: &[Value], golden_file: &std::path::Path, what: &str) -> f64 {
+    let text = std::fs::read_to_string(golden_file).unwrap();
     let gold: Value = serde_json::from_str(&text).unwrap();
     let steps = gold["steps"].as_array().unwrap();
     assert_eq!(mine.len(), steps.len());
+    let mut worst = 0.0f64;
     for (m, g) in mine.iter().zip(steps) {
         let step = g["step"].as_u64().unwrap() as f64;
         assert_eq!(m["step"].as_u64(), g["step"].as_u64());
@@ -84,12 +90,14 @@ pub fn check_against_golden(
             let gv = gv.as_f64().unwrap();
             let mv = m[key]
                 .as_f64()
-                .unwrap_or_else(|| panic!("{golden}: step {step} lacks `{key}`"));
+                .unwrap_or_else(|| panic!("{what}: step {step} lacks `{key}`"));
             let tol = rel * gv.abs().max(REL_FLOOR);
+            worst = worst.max((mv - gv).abs() / tol);
             assert!(
                 (mv - gv).abs() <= tol,
-                "{golden} step {step} {key}: {mv} vs TRL {gv} (tol {tol:e})"
+                "{what} step {step} {key}: {mv} vs TRL {gv} (tol {tol:e})"
             );
         }
     }
+    worst
 }
