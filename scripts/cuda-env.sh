@@ -10,18 +10,15 @@ CUDA_VENV="${CUDA_VENV:-/opt/cuda-venv}"
 if [ ! -x "$CUDA_VENV/bin/pip" ]; then
   python3 -m venv "$CUDA_VENV"
 fi
-CU="$("$CUDA_VENV/bin/python" - <<'PY' 2>/dev/null
-import pathlib, site
-for s in site.getsitepackages():
-    p = pathlib.Path(s) / "nvidia" / "cu13"
-    if (p / "bin" / "nvcc").exists():
-        print(p)
-PY
-)"
-if [ -z "$CU" ]; then
-  "$CUDA_VENV/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
-    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88
-  CU="$("$CUDA_VENV/bin/python" -c 'import pathlib, site; print(next(pathlib.Path(s) / "nvidia" / "cu13" for s in site.getsitepackages() if (pathlib.Path(s) / "nvidia" / "cu13" / "bin" / "nvcc").exists()))')"
+# Already-satisfied pins make this a quick no-op (no download).
+"$CUDA_VENV/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
+  nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88
+# The wheels install one toolkit-like tree: site-packages/nvidia/cu13/{bin/nvcc,include,nvvm,lib}.
+CU="$("$CUDA_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13"
+if [ ! -x "$CU/bin/nvcc" ]; then
+  echo "cuda-env: no nvcc at $CU/bin/nvcc after installing the wheels" >&2
+  echo "hint: remove $CUDA_VENV and source this script again" >&2
+  return 1 2>/dev/null || exit 1
 fi
 export CUDA_HOME="$CU" CUDA_PATH="$CU" PATH="$CU/bin:$PATH"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
