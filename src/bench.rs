@@ -4,6 +4,7 @@
 //! (lm_head included) plus attention 4·t²·d per layer and sequence; a training step is 3×.
 
 mod ceiling;
+mod grpo_step;
 mod steps;
 
 use std::time::Instant;
@@ -19,8 +20,6 @@ use crate::model::lora::{init_adapters, select_targets, TargetModules};
 use crate::model::weights::{RandomInit, Weights};
 use crate::model::{Decoder, ModelConfig};
 use crate::train::config::Method;
-use crate::train::grads::GradAccumulator;
-use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 
 /// The bench config of ../shared/notes/candle-training.md, and SmolLM-135M-, Qwen2.5-0.5B- and
 /// Llama-3.2-1B-shaped models (the shapes TRL was timed on in ../shared/notes/cuda.md).
@@ -239,7 +238,7 @@ pub fn run(
         }
     }
     if is("grpo") {
-        let (sampling, training, tokens) = time_grpo_step(&base, &cfg, steps)?;
+        let (sampling, training, tokens) = grpo_step::time_grpo_step(&base, steps)?;
         let secs = sampling + training;
         let mut v = report(
             "grpo_step(2 prompts x 8)",
@@ -277,95 +276,6 @@ pub fn run(
         emit(with_rss(v));
     }
     Ok(())
-}
-
-/// Median (sampling, learning) seconds of one GRPO step: 2 prompts of 32 tokens × 8 sampled
-/// completions of up to 64 tokens (no EOS on a random model, so always 64), `length`-style
-/// rewards, then one policy forward+backward, GRPO loss, clip and AdamW over the 16 sequences.
-/// Returns the medians and the tokens per step.
-fn time_grpo_step(base: &Decoder, cfg: &ModelConfig, steps: usize) -> Result<(f64, f64, usize)> {
-    use crate::eval::generate::{generate, SamplingOptions};
-    use crate::loss::grpo::{
-        advantages, grpo_loss, GrpoInputs, GrpoLossType, GrpoOptions, ScaleRewards,
-    };
-    use rand::SeedableRng;
-    let device = base.device();
-    let (policy, vars) = base.to_trainable()?;
-    let frozen = Decoder::frozen_view(&policy.config, &vars)?;
-    let mut opt = AdamW::new(
-        &vars,
-        AdamWSettings {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    );
-    let sampling = SamplingOptions {
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        max_new_tokens: 64,
-    };
-    let (mut ts, mut tl) = (Vec::new(), Vec::new());
-    let mut tokens = 0;
-    for i in 0..=steps {
-        let start = Instant::now();
-        let mut seqs = Vec::new();
-        let mut rewards = Vec::new();
-        for p in 0..2usize {
-            let prompt: Vec<u32> = (0..32)
-                .map(|j| ((j * 104_729 + p * 31) % cfg.vocab_size) as u32)
-                .collect();
-            let mut rng = rand::rngs::StdRng::seed_from_u64((i * 2 + p) as u64);
-            for c in generate(&frozen, &prompt, 8, &sampling, &[], &mut rng, true)? {
-                rewards.push(c.iter().filter(|&&t| t % 2 == 0).count() as f64);
-                seqs.push(Sequence {
-                    ids: prompt.iter().chain(&c).copied().collect(),
-                    loss_start: prompt.len(),
-                });
-            }
-        }
-        let sampled = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        let (adv, _) = advantages(&rewards, 8, ScaleRewards::Group);
-        let refs: Vec<&Sequence> = seqs.iter().collect();
-        // As `leash grpo` scores them: each group's prompt once (padding-free).
-        let batch = crate::data::pack::collate_packed(&refs, 0, None, true, device)?;
-        tokens = batch.n_tokens;
-        let mask: Vec<f32> = batch
-            .in_completion
-            .iter()
-            .map(|&c| c as u8 as f32)
-            .collect();
-        let s = score(&policy, &batch)?;
-        let out = grpo_loss(
-            &GrpoInputs {
-                logps: &s.token_logps,
-                old_logps: None,
-                ref_logps: None,
-                advantages: &adv,
-                seq_of: &batch.seq_of,
-                mask: &mask,
-            },
-            &GrpoOptions {
-                beta: 0.0,
-                epsilon: 0.2,
-                epsilon_high: 0.2,
-                loss_type: GrpoLossType::Dapo,
-                max_completion_length: 64,
-            },
-        )?;
-        let store = out.loss.backward()?;
-        let mut grads = GradAccumulator::of(&store, &vars)?;
-        clip_grad_norm(&mut grads, 1.0)?;
-        opt.step(&vars, &grads, 1e-6)?;
-        if i > 0 {
-            ts.push(sampled);
-            tl.push(start.elapsed().as_secs_f64());
-        }
-    }
-    Ok((median(ts), median(tl), tokens))
 }
 
 pub use crate::runtime::peak_rss_mib;

@@ -383,3 +383,49 @@ fn help_lists_exactly_the_methods_options() {
         }
     }
 }
+
+/// The required options only (GRPO needs a reward).
+fn runnable(method: Method) -> TrainArgs {
+    let mut args = base();
+    if method == Method::Grpo {
+        args.reward_funcs = Some(vec!["length".into()]);
+    }
+    args
+}
+
+#[test]
+fn the_written_config_holds_exactly_the_methods_options() {
+    // leash_config.json and TensorBoard's `args` record a run's own options only, as TRL's
+    // per-method config classes save theirs.
+    for method in METHODS {
+        let cfg = resolve(method, &runnable(method)).unwrap();
+        let json = cfg.method_json();
+        let written = json.as_object().unwrap();
+        assert_eq!(written["method"], method.name(), "{json}");
+        for option in options(method, false) {
+            assert!(
+                !written.contains_key(option),
+                "{method:?}'s config lists {option}"
+            );
+        }
+        // Every option the method takes that the resolved config holds is written (the
+        // serialised config minus the foreign ones: nothing else is dropped).
+        let full = serde_json::to_value(&cfg).unwrap();
+        for (key, value) in full.as_object().unwrap() {
+            let own = OPTIONS
+                .iter()
+                .find(|(name, _)| name == key)
+                .is_none_or(|(_, methods)| methods.contains(&method));
+            assert_eq!(written.get(key), own.then_some(value), "{method:?}: {key}");
+        }
+    }
+    let grpo = resolve(Method::Grpo, &runnable(Method::Grpo))
+        .unwrap()
+        .method_json();
+    assert_eq!(grpo["num_generations"], 8);
+    assert_eq!(grpo["scale_rewards"], "group");
+    assert!(resolve(Method::Dpo, &runnable(Method::Dpo))
+        .unwrap()
+        .method_json()["beta"]
+        .is_number());
+}

@@ -1,7 +1,8 @@
 //! Timed training steps on TRL's DPO workload (prompts and completions of fixed length, each
 //! pair's chosen and rejected sharing the prompt), in the padded layout or padding-free
-//! (shared prompt, packed rows). Every timed step is the trainer's own
-//! [`crate::train::update::optimizer_step`] with `leash <method>`'s default options.
+//! (shared prompt, packed rows). Every timed step is the trainer's own: the engine's
+//! [`crate::train::update::update`] over [`crate::train::step::offline_losses`], with
+//! `leash <method>`'s default options.
 
 use std::collections::HashMap;
 
@@ -18,7 +19,7 @@ use crate::train::config::{resolve, Method, TrainArgs, TrainConfig};
 use crate::train::examples::TrainExample;
 use crate::train::metrics::Accumulator;
 use crate::train::step::{RefLogps, Reference, StepContext};
-use crate::train::update::{adamw, optimizer_step};
+use crate::train::update::{adamw, fixed_lr_step};
 
 /// `pairs` chosen sequences then their rejected ones: a shared `prompt`-token prompt per pair
 /// and two different `completion`-token completions.
@@ -118,9 +119,10 @@ pub fn config(method: Method, padding_free: bool) -> Result<TrainConfig> {
     )
 }
 
-/// Median seconds of one optimizer step of the trainer ([`optimizer_step`]: collate, forward,
-/// loss, TRL's metrics, backward, clip, AdamW) over `examples` as one micro-batch. `reference`
-/// scores the reference live; `None` takes it from a cache, as `--precompute-ref-log-probs`.
+/// Median seconds of one optimizer step of the trainer ([`fixed_lr_step`], the trainer's
+/// update: collate, forward, loss, TRL's metrics, backward, clip, AdamW) over `examples` as one
+/// micro-batch. `reference` scores the reference live; `None` takes it from a cache, as
+/// `--precompute-ref-log-probs`.
 pub fn time_train_step(
     cfg: &TrainConfig,
     policy: &Decoder,
@@ -154,15 +156,7 @@ pub fn time_train_step(
             pad_id: 0,
             device,
         };
-        optimizer_step(
-            &ctx,
-            vars,
-            &mut opt,
-            &micro,
-            cfg.learning_rate,
-            step,
-            &mut metrics,
-        )?;
+        fixed_lr_step(&ctx, vars, &mut opt, &micro, step, &mut metrics)?;
         metrics.take();
         step += 1;
         Ok(())

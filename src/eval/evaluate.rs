@@ -285,7 +285,7 @@ pub fn eval_command(a: &EvalArgs) -> Result<Value> {
         ));
     }
     // Ctrl-C ends the loop below (and any judge command's process group) cleanly.
-    crate::train::trainer::install_ctrl_c();
+    crate::train::engine::install_ctrl_c();
     std::fs::create_dir_all(&a.output_dir)
         .map_err(|e| LeashError::io(&a.output_dir, e, "check the path is writable"))?;
     let (policy, tok) = load_policy(a.model, a.adapter, &a.device)?;
@@ -300,7 +300,7 @@ pub fn eval_command(a: &EvalArgs) -> Result<Value> {
     let rows = prompts(a.dataset, &tok)?;
     let progress = Progress::new("eval", "prompt", rows.len() as u64);
     for (i, (text, ids)) in rows.iter().enumerate() {
-        if crate::train::trainer::INTERRUPTED.load(Ordering::SeqCst) {
+        if crate::train::engine::INTERRUPTED.load(Ordering::SeqCst) {
             progress.abandon();
             return Err(interrupted("sampling"));
         }

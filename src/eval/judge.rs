@@ -175,7 +175,7 @@ fn run_command_as(role: &str, cmd: &str, input: String, timeout: Duration) -> Re
         )
     };
     // Ctrl-C must reach this loop (to end the command's group) rather than kill leash alone.
-    crate::train::trainer::install_ctrl_c();
+    crate::train::engine::install_ctrl_c();
     let mut command = Command::new("sh");
     command
         .arg("-c")
@@ -225,7 +225,7 @@ fn run_command_as(role: &str, cmd: &str, input: String, timeout: Duration) -> Re
         {
             break status;
         }
-        if crate::train::trainer::INTERRUPTED.load(Ordering::SeqCst) {
+        if crate::train::engine::INTERRUPTED.load(Ordering::SeqCst) {
             return Err(LeashError::Interrupted {
                 message: format!("interrupted while the {role} command `{cmd}` ran (its process group was killed)"),
                 hint: "rerun the command; nothing was lost that had been written".into(),

@@ -4,62 +4,66 @@
 use candle_core::Tensor;
 
 use super::{plot, Lab};
-use crate::data::collate::collate;
-use crate::data::encode::Sequence;
+use crate::demo::run_args;
 use crate::error::Result;
 use crate::eval::evaluate::load_policy;
-use crate::loss::dpo::{dpo_loss, DpoLossType, DpoOptions, PairLogps};
-use crate::loss::logps::score;
+use crate::model::Decoder;
 use crate::report::plot::Series;
-use crate::train::config::Method;
+use crate::train::config::{resolve, Method};
 use crate::train::grads::GradAccumulator;
+use crate::train::step::{micro_batch, Reference, StepContext};
+
+const PAIRS: usize = 8;
 
 impl Lab {
     pub(super) fn grad(&self) -> Result<(String, bool, String)> {
         let (base, tok) = load_policy(&self.reference, None, &self.device)?;
+        // `leash dpo`'s own micro-batch (sigmoid loss, β 0.1) on 8 training pairs, against
+        // the loaded SFT model as the reference.
+        let mut args = run_args(
+            &self.cfg,
+            &self.reference,
+            self.data.join("pref_train.jsonl"),
+            &self.dir,
+            1,
+            // Unused: the lab steps by hand along the gradient.
+            self.cfg.dpo_lr,
+        );
+        args.beta = Some(0.1);
+        let cfg = resolve(Method::Dpo, &args)?;
         let prepared = crate::train::examples::prepare(
             Method::Dpo,
-            &self.data.join("pref_train.jsonl"),
+            &cfg.dataset,
             &tok,
-            64,
-            8,
+            cfg.max_length,
+            PAIRS,
         )?;
         let (policy, vars) = base.to_trainable()?;
-        let pairs: Vec<_> = prepared.examples.iter().take(8).collect();
-        let mut seqs = Vec::new();
-        for part in 0..2 {
-            for (_, ex) in &pairs {
-                if let crate::train::examples::TrainExample::Pair { chosen, rejected } = ex {
-                    seqs.push(crate::train::examples::to_sequence(
-                        if part == 0 { chosen } else { rejected },
-                        64,
-                    ));
-                }
-            }
-        }
-        let refs: Vec<&Sequence> = seqs.iter().collect();
-        let batch = collate(&refs, tok.pad_id, None, &[], &self.device)?;
-        let p = pairs.len();
-        let reference = score(&base, &batch)?.seq_logps;
-        let loss_at = |m: &crate::model::Decoder| -> Result<(Tensor, Vec<f32>)> {
-            let lp = score(m, &batch)?.seq_logps;
-            let n = Tensor::ones(p, candle_core::DType::F32, &self.device)?;
-            let out = dpo_loss(
-                &PairLogps {
-                    chosen: &lp.narrow(0, 0, p)?,
-                    rejected: &lp.narrow(0, p, p)?,
-                    ref_chosen: &reference.narrow(0, 0, p)?,
-                    ref_rejected: &reference.narrow(0, p, p)?,
-                    chosen_tokens: &n,
-                    rejected_tokens: &n,
-                },
-                &DpoOptions {
-                    beta: 0.1,
-                    loss_type: DpoLossType::Sigmoid,
-                    label_smoothing: 0.0,
-                },
-            )?;
-            Ok((out.loss, lp.detach().to_vec1()?))
+        let pairs: Vec<_> = prepared
+            .examples
+            .iter()
+            .take(PAIRS)
+            .enumerate()
+            .map(|(i, (_, ex))| (i, ex))
+            .collect();
+        // The loss and the mean chosen and rejected sequence log-probs at `m`'s weights.
+        let loss_at = |m: &Decoder| -> Result<(Tensor, [f64; 2])> {
+            let ctx = StepContext {
+                cfg: &cfg,
+                policy: m,
+                policy_frozen: m,
+                reference: Reference::Model(&base),
+                pad_id: tok.pad_id,
+                device: &self.device,
+            };
+            let out = micro_batch(&ctx, &pairs, 1.0, 0.0)?;
+            let metric = |k: &str| {
+                out.metrics
+                    .iter()
+                    .find(|(name, _)| *name == k)
+                    .map_or(f64::NAN, |(_, v)| *v)
+            };
+            Ok((out.loss, [metric("logps/chosen"), metric("logps/rejected")]))
         };
         let (loss, before) = loss_at(&policy)?;
         let grads = loss.backward()?;
@@ -93,12 +97,7 @@ impl Lab {
         let lr = 1e-3 / norm2.sqrt();
         shift(-lr)?;
         let after = loss_at(&policy)?.1;
-        let mean =
-            |v: &[f32], a: usize| v[a..a + p].iter().map(|&x| x as f64).sum::<f64>() / p as f64;
-        let (dc, dr) = (
-            mean(&after, 0) - mean(&before, 0),
-            mean(&after, p) - mean(&before, p),
-        );
+        let (dc, dr) = (after[0] - before[0], after[1] - before[1]);
         let ok = dc > 0.0 && dr < 0.0 && rel < 5e-2;
         // The picture of the lesson: mean chosen and rejected log-probs along the line
         // θ − t·∇L/|∇L|, from a step against the gradient to several steps along it.
@@ -106,8 +105,8 @@ impl Lab {
         for t in [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0] {
             shift(-t * 1e-3 / norm2.sqrt())?;
             let lp = loss_at(&policy)?.1;
-            chosen_line.push((t, mean(&lp, 0)));
-            rejected_line.push((t, mean(&lp, p)));
+            chosen_line.push((t, lp[0]));
+            rejected_line.push((t, lp[1]));
         }
         shift(0.0)?;
         let body_plot = plot(
@@ -127,6 +126,6 @@ impl Lab {
             ],
         );
         let verdict = format!("one DPO gradient step moved chosen log-probs by {dc:+.3} and rejected by {dr:+.3}; analytic vs finite-difference directional derivative differ by {:.1} % — {}", rel * 100.0, if ok { "reproduced" } else { "NOT reproduced" });
-        Ok((verdict, ok, format!("8 pairs from the training set; step of length 1e-3 along −∇L; finite difference in f32 with ε·|∇L| = 1e-3.\n\n| | mean before | mean after |\n|---|---|---|\n| chosen log-prob | {:.3} | {:.3} |\n| rejected log-prob | {:.3} | {:.3} |\n\n{body_plot}", mean(&before, 0), mean(&after, 0), mean(&before, p), mean(&after, p))))
+        Ok((verdict, ok, format!("{PAIRS} pairs from the training set; step of length 1e-3 along −∇L; finite difference in f32 with ε·|∇L| = 1e-3.\n\n| | mean before | mean after |\n|---|---|---|\n| chosen log-prob | {:.3} | {:.3} |\n| rejected log-prob | {:.3} | {:.3} |\n\n{body_plot}", before[0], after[0], before[1], after[1])))
     }
 }

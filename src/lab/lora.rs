@@ -2,7 +2,7 @@
 //! and that one frozen copy of the base also serves as the DPO reference (adapter off).
 //!
 //! Measured, not assumed: a short full DPO run and a short LoRA DPO run from the same SFT
-//! reference; then, for each setup, three DPO steps by hand on one batch, with
+//! reference; then, for each setup, three steps of `leash dpo`'s own update on one batch, with
 //! - the actual GradStore inspected: which tensors received a gradient (none of the base's);
 //! - the base weights' bytes compared before and after the steps;
 //! - the bytes each setup keeps resident, counted from the live objects: distinct weight
@@ -21,20 +21,17 @@ use std::time::Instant;
 use candle_core::{CpuStorage, Storage, Tensor};
 
 use super::{last_metric, plot, Lab};
-use crate::data::collate::{collate, Collated};
-use crate::data::encode::Sequence;
 use crate::demo::run_args;
 use crate::error::Result;
 use crate::eval::evaluate::load_policy;
-use crate::loss::dpo::{dpo_loss, DpoLossType, DpoOptions, PairLogps};
-use crate::loss::logps::score;
 use crate::report::plot::metric_series;
 use crate::train::config::{resolve, Method, TrainArgs};
-use crate::train::examples::{prepare, to_sequence, TrainExample};
-use crate::train::grads::GradAccumulator;
-use crate::train::optimizer::{AdamW, AdamWSettings};
+use crate::train::examples::{prepare, TrainExample};
+use crate::train::metrics::Accumulator;
 use crate::train::policy::build_policy;
+use crate::train::step::{micro_batch, Reference, StepContext};
 use crate::train::trainer::train;
+use crate::train::update::{adamw, fixed_lr_step};
 
 const LORA_R: usize = 4;
 const LORA_ALPHA: f64 = 8.0;
@@ -127,8 +124,8 @@ impl Lab {
         a
     }
 
-    /// Eight training pairs as one batch (chosen rows first, then rejected).
-    fn pair_batch(&self) -> Result<Collated> {
+    /// The first [`PAIRS`] training pairs and the tokenizer's padding id.
+    fn pair_examples(&self) -> Result<(Vec<TrainExample>, u32)> {
         let (_, tok) = load_policy(&self.reference, None, &self.device)?;
         let prepared = prepare(
             Method::Dpo,
@@ -137,21 +134,16 @@ impl Lab {
             64,
             PAIRS,
         )?;
-        let pairs: Vec<_> = prepared.examples.iter().take(PAIRS).collect();
-        let mut seqs: Vec<Sequence> = Vec::new();
-        for part in 0..2 {
-            for (_, ex) in &pairs {
-                if let TrainExample::Pair { chosen, rejected } = ex {
-                    seqs.push(to_sequence(if part == 0 { chosen } else { rejected }, 64));
-                }
-            }
-        }
-        let refs: Vec<&Sequence> = seqs.iter().collect();
-        Ok(collate(&refs, tok.pad_id, None, &[], &self.device)?)
+        let pairs = prepared.examples.into_iter().take(PAIRS);
+        Ok((pairs.map(|(_, ex)| ex).collect(), tok.pad_id))
     }
 
-    /// [`HAND_STEPS`] DPO steps of one setup on `batch`, measured.
-    fn footprint(&self, lora: bool, batch: &Collated) -> Result<Footprint> {
+    /// [`HAND_STEPS`] steps of `leash dpo`'s own update of one setup on `pairs`, measured.
+    fn footprint(
+        &self,
+        lora: bool,
+        (pairs, pad_id): &(Vec<TrainExample>, u32),
+    ) -> Result<Footprint> {
         let cfg = resolve(Method::Dpo, &self.lora_args(&self.dir.join("hand"), lora))?;
         let (base, _) = load_policy(&self.reference, None, &self.device)?;
         let total = base.num_parameters();
@@ -181,18 +173,16 @@ impl Lab {
             .iter()
             .map(|(_, v)| values(v.as_tensor()))
             .collect::<Result<_>>()?;
-        let n = batch.n_seqs / 2;
-        let reference = score(&policy.reference, batch)?.seq_logps.detach();
-        let counts = Tensor::ones(n, candle_core::DType::F32, &self.device)?;
-        let mut opt = AdamW::new(
-            &policy.vars,
-            AdamWSettings {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-            },
-        );
+        let micro = vec![pairs.iter().enumerate().collect::<Vec<_>>()];
+        let ctx = StepContext {
+            cfg: &cfg,
+            policy: &policy.model,
+            policy_frozen: &policy.frozen,
+            reference: Reference::Model(&policy.reference),
+            pad_id: *pad_id,
+            device: &self.device,
+        };
+        let mut opt = adamw(&cfg, &policy.vars);
         let var_ids: HashSet<_> = policy.vars.iter().map(|(_, v)| v.id()).collect();
         let base_ids: HashSet<_> = policy
             .reference
@@ -201,47 +191,31 @@ impl Lab {
             .map(|(_, t)| t.id())
             .collect();
         let (mut grad_bytes, mut other_grad_bytes, mut other_grad_entries) = (0, 0, 0);
-        let (mut base_grad_entries, mut missing_grads) = (0, 0);
-        for step in 0..HAND_STEPS {
-            let lp = score(&policy.model, batch)?.seq_logps;
-            let out = dpo_loss(
-                &PairLogps {
-                    chosen: &lp.narrow(0, 0, n)?,
-                    rejected: &lp.narrow(0, n, n)?,
-                    ref_chosen: &reference.narrow(0, 0, n)?,
-                    ref_rejected: &reference.narrow(0, n, n)?,
-                    chosen_tokens: &counts,
-                    rejected_tokens: &counts,
-                },
-                &DpoOptions {
-                    beta: 0.1,
-                    loss_type: DpoLossType::Sigmoid,
-                    label_smoothing: 0.0,
-                },
-            )?;
-            let store = out.loss.backward()?;
-            if step == 0 {
-                for id in store.get_ids() {
-                    let Some(g) = store.get_id(*id) else { continue };
-                    let bytes = g.elem_count() * g.dtype().size_in_bytes();
-                    if var_ids.contains(id) {
-                        grad_bytes += bytes;
-                    } else {
-                        other_grad_bytes += bytes;
-                        other_grad_entries += 1;
-                        if base_ids.contains(id) || weight_shapes.contains(g.dims()) {
-                            base_grad_entries += 1;
-                        }
-                    }
+        let mut base_grad_entries = 0;
+        // What the first step's backward touches: the GradStore of the same loss.
+        let store = micro_batch(&ctx, &micro[0], 1.0, 0.0)?.loss.backward()?;
+        for id in store.get_ids() {
+            let Some(g) = store.get_id(*id) else { continue };
+            let bytes = g.elem_count() * g.dtype().size_in_bytes();
+            if var_ids.contains(id) {
+                grad_bytes += bytes;
+            } else {
+                other_grad_bytes += bytes;
+                other_grad_entries += 1;
+                if base_ids.contains(id) || weight_shapes.contains(g.dims()) {
+                    base_grad_entries += 1;
                 }
-                missing_grads = policy
-                    .vars
-                    .iter()
-                    .filter(|(_, v)| store.get(v).is_none())
-                    .count();
             }
-            let grads = GradAccumulator::of(&store, &policy.vars)?;
-            opt.step(&policy.vars, &grads, cfg.learning_rate)?;
+        }
+        let missing_grads = policy
+            .vars
+            .iter()
+            .filter(|(_, v)| store.get(v).is_none())
+            .count();
+        drop(store);
+        let mut metrics = Accumulator::default();
+        for step in 0..HAND_STEPS {
+            fixed_lr_step(&ctx, &policy.vars, &mut opt, &micro, step, &mut metrics)?;
         }
         let after: Vec<Vec<f32>> = policy
             .reference
@@ -301,9 +275,9 @@ impl Lab {
     pub(super) fn lora(&self) -> Result<(String, bool, String)> {
         let (full_run, full_s) = self.timed_run("full", false)?;
         let (lora_run, lora_s) = self.timed_run("lora", true)?;
-        let batch = self.pair_batch()?;
-        let full = self.footprint(false, &batch)?;
-        let lora = self.footprint(true, &batch)?;
+        let pairs = self.pair_examples()?;
+        let full = self.footprint(false, &pairs)?;
+        let lora = self.footprint(true, &pairs)?;
 
         // What the accounting predicts from the parameter counts alone: full keeps policy,
         // reference, gradient and two moments per parameter; LoRA keeps the base once and

@@ -43,8 +43,9 @@ impl GrpoLossType {
     }
 }
 
-/// How rewards are scaled into advantages.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How rewards are scaled into advantages (TRL's `scale_rewards`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ScaleRewards {
     Group,
     Batch,

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use super::method_options::{self, LossType, Source};
 use crate::device::DeviceChoice;
 use crate::error::{read_text, LeashError, Result};
+use crate::loss::grpo::ScaleRewards;
 
 /// The training method (one trainer each, as in TRL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,7 +328,7 @@ pub struct TrainConfig {
     pub epsilon: f64,
     pub epsilon_high: Option<f64>,
     pub num_iterations: usize,
-    pub scale_rewards: String,
+    pub scale_rewards: ScaleRewards,
     pub mask_truncated_completions: bool,
     pub reward_funcs: Vec<String>,
     pub reward_cmd: Vec<String>,
@@ -483,6 +484,10 @@ pub fn resolve(method: Method, flags: &TrainArgs) -> Result<TrainConfig> {
             ));
         }
     }
+    // Parsed here for its own message; serde then reads the same name into the enum.
+    if let Some(Value::String(name)) = merged.get("scale_rewards") {
+        ScaleRewards::parse(name)?;
+    }
     let mut cfg: TrainConfig = serde_json::from_value(Value::Object(merged)).map_err(|e| {
         LeashError::usage(format!("invalid option: {e}"), "check the option's type")
     })?;
@@ -608,20 +613,12 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
-pub const SCALE_REWARDS: &[&str] = &["group", "batch", "none"];
-
 fn validate_grpo(cfg: &TrainConfig) -> Result<()> {
     let bad = |msg: String, hint: &str| Err(LeashError::usage(msg, hint));
     if cfg.beta < 0.0 || !cfg.beta.is_finite() {
         return bad(
             format!("beta must be ≥ 0 (got {})", cfg.beta),
             "0 (TRL's default) trains without a reference model; 0.01–0.1 adds a KL penalty",
-        );
-    }
-    if !SCALE_REWARDS.contains(&cfg.scale_rewards.as_str()) {
-        return bad(
-            format!("unknown scale_rewards `{}`", cfg.scale_rewards),
-            "valid: group, batch, none",
         );
     }
     if cfg.num_generations < 2 {
@@ -727,7 +724,10 @@ mod tests {
                 8
             )
         );
-        assert_eq!((grpo.epsilon, grpo.scale_rewards.as_str()), (0.2, "group"));
+        assert_eq!(
+            (grpo.epsilon, grpo.scale_rewards),
+            (0.2, ScaleRewards::Group)
+        );
     }
 
     #[test]

@@ -16,18 +16,12 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{Map, Value};
 
-use super::checkpoint::save_checkpoint;
 use super::config::TrainConfig;
-use super::divergence::{stopped, DivergenceGuard};
-use super::grads::GradAccumulator;
+use super::engine::{self, Engine, Plan, TrainSummary};
 use super::method_options::LossType;
-use super::metrics::{human_line, Accumulator, MetricsLog};
-use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
+use super::metrics::Accumulator;
 use super::policy::{build_policy, Policy};
-use super::schedule::{lr_factor, warmup_steps};
-use super::trainer::{
-    checkpoint_or_stop, initial_state, install_ctrl_c, open_run, write_config, TrainSummary,
-};
+use super::update::MicroLoss;
 use crate::data::collate::{collate, Collated};
 use crate::data::dataset::read_objects;
 use crate::data::encode::Sequence;
@@ -37,12 +31,11 @@ use crate::error::{LeashError, Result};
 use crate::eval::evaluate::{eos_ids, prompts_of_split};
 use crate::eval::generate::{generate, SamplingOptions};
 use crate::eval::judge::{builtin_score, score_rows, Item};
-use crate::loss::grpo::{advantages, grpo_loss, GrpoInputs, GrpoOptions, ScaleRewards};
+use crate::loss::grpo::{advantages, grpo_loss, GrpoInputs, GrpoOptions};
 use crate::loss::logps::score_at_temperature;
 use crate::model::frozen_dtype::FrozenDtype;
 use crate::model::Decoder;
 use crate::model_io::load_model_as;
-use crate::model_io::save_weights;
 
 /// One prompt of the data set: rendered text, ids, and the row's columns (for reward commands).
 pub struct PromptRow {
@@ -136,7 +129,7 @@ impl Rewards {
 }
 
 /// One micro-batch of a rollout, collated once and reused for every iteration.
-struct Micro {
+pub struct Micro {
     batch: Collated,
     /// Advantage of each sequence in the micro-batch.
     advantages: Vec<f64>,
@@ -149,10 +142,10 @@ struct Micro {
 }
 
 /// A batch of generations and everything the updates on it need.
-struct Rollout {
-    micro: Vec<Micro>,
-    metrics: Vec<(String, f64)>,
-    tokens: usize,
+pub struct Rollout {
+    pub micro: Vec<Micro>,
+    pub metrics: Vec<(String, f64)>,
+    pub tokens: usize,
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -179,15 +172,16 @@ fn prompt_positions(cfg: &TrainConfig, n: usize, per_gen: usize, gen: usize) -> 
         .collect()
 }
 
-struct Models<'a> {
-    sampler: &'a Decoder,
-    reference: Option<&'a Decoder>,
-    tok: &'a TextTokenizer,
-    eos: &'a [u32],
+/// The models a rollout uses: the policy's frozen view samples, the reference scores.
+pub struct Models<'a> {
+    pub sampler: &'a Decoder,
+    pub reference: Option<&'a Decoder>,
+    pub tok: &'a TextTokenizer,
+    pub eos: &'a [u32],
 }
 
-/// Samples, scores and prepares one generation batch.
-fn rollout(
+/// Samples, scores and prepares generation batch `gen`.
+pub fn rollout(
     cfg: &TrainConfig,
     m: &Models,
     rows: &[PromptRow],
@@ -229,7 +223,7 @@ fn rollout(
                 .sum()
         })
         .collect();
-    let (adv, group_stds) = advantages(&total, g, ScaleRewards::parse(&cfg.scale_rewards)?);
+    let (adv, group_stds) = advantages(&total, g, cfg.scale_rewards);
     let lengths: Vec<f64> = seqs
         .iter()
         .map(|s| (s.ids.len() - s.loss_start) as f64)
@@ -321,11 +315,7 @@ fn rollout(
 }
 
 /// Saves a checkpoint and turns a reward failure into a stop with a resume hint.
-fn stop_with_checkpoint(
-    err: LeashError,
-    cfg: &TrainConfig,
-    save: &dyn Fn() -> Result<std::path::PathBuf>,
-) -> LeashError {
+fn stop_with_checkpoint(err: LeashError, cfg: &TrainConfig, engine: &Engine) -> LeashError {
     let interrupted = matches!(err, LeashError::Interrupted { .. });
     let (message, hint) = match err {
         LeashError::Usage { message, hint } | LeashError::Interrupted { message, hint } => {
@@ -333,7 +323,7 @@ fn stop_with_checkpoint(
         }
         other => (other.to_string(), String::new()),
     };
-    let (message, hint) = match save() {
+    let (message, hint) = match engine.save_checkpoint() {
         Ok(dir) => (
             format!("{message}\ncheckpoint saved: {}", dir.display()),
             format!(
@@ -354,24 +344,78 @@ fn stop_with_checkpoint(
     }
 }
 
+/// GRPO's loss options from the run's config.
+pub fn loss_options(cfg: &TrainConfig) -> Result<GrpoOptions> {
+    Ok(GrpoOptions {
+        beta: cfg.beta,
+        epsilon: cfg.epsilon,
+        epsilon_high: cfg.epsilon_high.unwrap_or(cfg.epsilon),
+        loss_type: LossType::grpo(cfg.loss_type)?,
+        max_completion_length: cfg.max_completion_length,
+    })
+}
+
+/// The losses of one optimizer step over a rollout, as [`crate::train::update::update`] takes
+/// them: micro-batch `i` scored by the policy at the sampling temperature, its GRPO loss
+/// (scaled for accumulation), and TRL's entropy, KL and clip-ratio metrics.
+pub fn grpo_losses<'a>(
+    cfg: &'a TrainConfig,
+    policy: &'a Decoder,
+    rollout: &'a Rollout,
+    options: &'a GrpoOptions,
+) -> impl FnMut(usize, &mut Accumulator) -> Result<MicroLoss> + 'a {
+    let scale = 1.0 / rollout.micro.len().max(1) as f64;
+    move |i, acc| {
+        let mb = &rollout.micro[i];
+        let scored = score_at_temperature(policy, &mb.batch, cfg.temperature, true)?;
+        let out = grpo_loss(
+            &GrpoInputs {
+                logps: &scored.token_logps,
+                old_logps: mb.old.as_ref(),
+                ref_logps: mb.reference.as_ref(),
+                advantages: &mb.advantages,
+                seq_of: &mb.batch.seq_of,
+                mask: &mb.mask,
+            },
+            options,
+        )?;
+        let (ent, cnt) = scored
+            .stats
+            .iter()
+            .zip(&mb.mask)
+            .fold((0.0, 0.0), |(e, c), (s, &m)| {
+                (e + s.entropy as f64 * m as f64, c + m as f64)
+            });
+        acc.add_one("entropy", ent / f64::max(cnt, 1.0));
+        if let Some(kl) = out.kl {
+            acc.add_one("kl", kl);
+        }
+        acc.add_one("clip_ratio/low_mean", out.clip_low);
+        acc.add_one("clip_ratio/high_mean", out.clip_high);
+        acc.add_one("clip_ratio/region_mean", out.clip_region);
+        Ok(MicroLoss {
+            loss: (out.loss * scale)?,
+            // The rollout counted its tokens once, whatever num_iterations reuses it.
+            tokens: 0,
+        })
+    }
+}
+
 /// Runs GRPO as configured. Progress and human lines go to stderr.
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
-    let (device, mut progress) = open_run(cfg)?;
-    install_ctrl_c();
+    let (device, progress) = engine::open(cfg)?;
     let frozen = FrozenDtype::parse(&cfg.frozen_dtype)?;
     let (base, tok) = load_model_as(&cfg.model, &device, frozen)?;
     let rows = load_prompts(&cfg.dataset, Some(&cfg.dataset_train_split), &tok)?;
     let rewards = Rewards::from_config(cfg);
-    write_config(cfg, &device)?;
     let eos = eos_ids(&base, &tok);
-    let built = build_policy(cfg, base, &device)?;
     let Policy {
         model: policy,
         frozen,
         vars,
         reference,
         adapter_config,
-    } = built;
+    } = build_policy(cfg, base, &device)?;
     // β = 0: no KL term, so no reference is kept (TRL loads none).
     let reference = (cfg.beta > 0.0).then_some(reference);
     let g = cfg.num_generations;
@@ -381,38 +425,20 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         rows.len(),
         rewards.names.join(", ")
     ));
-    let loss_opts = GrpoOptions {
-        beta: cfg.beta,
-        epsilon: cfg.epsilon,
-        epsilon_high: cfg.epsilon_high.unwrap_or(cfg.epsilon),
-        loss_type: LossType::grpo(cfg.loss_type)?,
-        max_completion_length: cfg.max_completion_length,
-    };
-    let save_final =
-        |dir: &std::path::Path| save_weights(dir, &cfg.model, &vars, adapter_config.as_ref());
-    let mut opt = AdamW::new(
-        &vars,
-        AdamWSettings {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
-    );
-    let mut state = initial_state(cfg, &vars, &mut opt, &progress)?;
-    // Groups whose completions all score the same give exactly zero gradients.
-    let mut guard = DivergenceGuard::new(&vars, true)?;
+    let options = loss_options(cfg)?;
     let mu = cfg.num_iterations;
     let gens_per_epoch = rows.len().div_ceil(per_gen);
-    let total = cfg
-        .max_steps
-        .unwrap_or_else(|| (cfg.num_train_epochs * gens_per_epoch as f64).ceil() as usize * mu);
-    let warmup = warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
-    let mut log =
-        MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?.report_to(cfg)?;
-    let mut acc = Accumulator::default();
-    let mut last_loss = None;
-    progress.set_total(total as u64, state.global_step as u64);
+    let plan = Plan {
+        vars,
+        adapter_config,
+        total: cfg
+            .max_steps
+            .unwrap_or_else(|| (cfg.num_train_epochs * gens_per_epoch as f64).ceil() as usize * mu),
+        steps_per_epoch: gens_per_epoch * mu,
+        // Groups whose completions all score the same give exactly zero gradients.
+        zero_grads_ok: true,
+    };
+    let mut engine = Engine::start(cfg, device, progress, plan)?;
     let models = Models {
         sampler: &frozen,
         reference: reference.as_ref(),
@@ -421,24 +447,21 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     };
     let mut current: Option<Rollout> = None;
 
-    for step in state.global_step..total {
-        crate::model::linear::seed_dropout(cfg.seed, step);
+    for step in engine.steps() {
         // Sampling: a fresh batch every μ steps (or after a resume mid-way).
         let t0 = Instant::now();
         if step % mu == 0 || current.is_none() {
             let r = match rollout(cfg, &models, &rows, &rewards, step / mu) {
                 Ok(r) => r,
                 Err(e) => {
-                    progress.abandon();
-                    let save =
-                        || save_checkpoint(&cfg.output_dir, &save_final, &vars, &opt, &state);
-                    return Err(stop_with_checkpoint(e, cfg, &save));
+                    engine.progress.abandon();
+                    return Err(stop_with_checkpoint(e, cfg, &engine));
                 }
             };
             for (k, v) in &r.metrics {
-                acc.add_one(k, *v);
+                engine.metrics.add_one(k, *v);
             }
-            state.total_tokens += r.tokens;
+            engine.state.total_tokens += r.tokens;
             current = Some(r);
         }
         let sampling_s = t0.elapsed().as_secs_f64();
@@ -446,94 +469,16 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
 
         // Learning: one optimizer step over every micro-batch of the rollout.
         let t1 = Instant::now();
-        let scale = 1.0 / batch.micro.len() as f64;
-        let mut grads = GradAccumulator::new(vars.len());
-        let mut step_loss = 0.0;
-        for mb in &batch.micro {
-            let scored = score_at_temperature(&policy, &mb.batch, cfg.temperature, true)?;
-            let out = grpo_loss(
-                &GrpoInputs {
-                    logps: &scored.token_logps,
-                    old_logps: mb.old.as_ref(),
-                    ref_logps: mb.reference.as_ref(),
-                    advantages: &mb.advantages,
-                    seq_of: &mb.batch.seq_of,
-                    mask: &mb.mask,
-                },
-                &loss_opts,
-            )?;
-            let loss = (out.loss * scale)?;
-            let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                progress.abandon();
-                return Err(stopped(
-                    &cfg.output_dir,
-                    step + 1,
-                    &format!("the loss became {value} (nothing of this step was applied)"),
-                    "lower --learning-rate, or keep --max-grad-norm on",
-                ));
-            }
-            step_loss += value;
-            let store = crate::model::checkpoint::backward(&loss)?;
-            grads.add(&store, &vars)?;
-            let (ent, cnt) = scored
-                .stats
-                .iter()
-                .zip(&mb.mask)
-                .fold((0.0, 0.0), |(e, c), (s, &m)| {
-                    (e + s.entropy as f64 * m as f64, c + m as f64)
-                });
-            acc.add_one("entropy", ent / f64::max(cnt, 1.0));
-            if let Some(kl) = out.kl {
-                acc.add_one("kl", kl);
-            }
-            acc.add_one("clip_ratio/low_mean", out.clip_low);
-            acc.add_one("clip_ratio/high_mean", out.clip_high);
-            acc.add_one("clip_ratio/region_mean", out.clip_region);
+        let losses = grpo_losses(cfg, &policy, batch, &options);
+        let outcome = engine.update(step, batch.micro.len(), losses)?;
+        engine.metrics.add_one("time/sampling_s", sampling_s);
+        engine
+            .metrics
+            .add_one("time/training_s", t1.elapsed().as_secs_f64());
+        if let Some(record) = engine.log_record(&outcome) {
+            engine.write(&record)?;
         }
-        let mut grads = grads.finish(&vars)?;
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-        guard
-            .check_grads(&cfg.output_dir, step + 1, grad_norm)
-            .inspect_err(|_| progress.abandon())?;
-        let lr = cfg.learning_rate * lr_factor(&cfg.lr_scheduler_type, step, warmup, total);
-        opt.step(&vars, &grads, lr)?;
-        guard
-            .check_weights(&vars, &cfg.output_dir, step + 1)
-            .inspect_err(|_| progress.abandon())?;
-        state.global_step = step + 1;
-        acc.add_one("loss", step_loss);
-        acc.add_one("grad_norm", grad_norm);
-        acc.add_one("time/sampling_s", sampling_s);
-        acc.add_one("time/training_s", t1.elapsed().as_secs_f64());
-        progress.inc(1);
-
-        let done = state.global_step == total;
-        if state.global_step.is_multiple_of(cfg.logging_steps) || done {
-            let mut record = Map::new();
-            record.insert("step".into(), state.global_step.into());
-            record.insert(
-                "epoch".into(),
-                (state.global_step as f64 / (gens_per_epoch * mu) as f64).into(),
-            );
-            record.insert("learning_rate".into(), lr.into());
-            record.insert("num_tokens".into(), (state.total_tokens as f64).into());
-            record.extend(acc.take());
-            if done {
-                // Not a TRL metric: the run's peak resident memory, in its last log line.
-                record.insert("peak_rss_mib".into(), crate::runtime::peak_rss_mib().into());
-            }
-            last_loss = record.get("loss").and_then(Value::as_f64);
-            progress.println(human_line(&record));
-            log.write(&record)?;
-        }
-        checkpoint_or_stop(cfg, &save_final, &vars, &opt, &state, done, &progress)?;
+        engine.end_step()?;
     }
-    progress.finish();
-    save_final(&cfg.output_dir)?;
-    Ok(TrainSummary {
-        steps: state.global_step,
-        final_loss: last_loss,
-        output_dir: cfg.output_dir.clone(),
-    })
+    engine.finish()
 }

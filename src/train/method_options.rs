@@ -109,6 +109,19 @@ pub fn methods_of(option: &str) -> Option<&'static [Method]> {
         .map(|(_, methods)| *methods)
 }
 
+impl super::config::TrainConfig {
+    /// The resolved options of this run's method only, as TRL's per-method config classes
+    /// save theirs (`leash_config.json`, TensorBoard's `args`): a DPO run's record lists no
+    /// GRPO sampling options.
+    pub fn method_json(&self) -> Value {
+        let mut json = serde_json::to_value(self).unwrap_or_default();
+        if let Value::Object(fields) = &mut json {
+            fields.retain(|key, _| methods_of(key).is_none_or(|m| m.contains(&self.method)));
+        }
+        json
+    }
+}
+
 /// The method as TRL's class names spell it (DPO, GRPO, …).
 fn upper(method: Method) -> String {
     method.name().to_uppercase()

@@ -75,7 +75,7 @@ impl MetricsLog {
     pub fn report_to(mut self, cfg: &TrainConfig) -> Result<Self> {
         if cfg.report_to == "tensorboard" {
             let mut w = EventWriter::create(&cfg.output_dir.join("runs"))?;
-            let config = serde_json::to_string_pretty(cfg).unwrap_or_default();
+            let config = serde_json::to_string_pretty(&cfg.method_json()).unwrap_or_default();
             // Indented four spaces: TensorBoard renders text as Markdown, this keeps it a code block.
             w.text(
                 "args",

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod divergence;
+pub mod engine;
 pub mod examples;
 pub mod grads;
 pub mod grpo;
@@ -20,7 +21,7 @@ pub mod update;
 
 use crate::error::Result;
 use config::{Method, TrainConfig};
-use trainer::TrainSummary;
+use engine::TrainSummary;
 
 /// Trains as `cfg` says: GRPO's online loop (sampling, rewards, learning) or the offline loop
 /// every other method shares (SFT, DPO and its loss types, KTO, ORPO).

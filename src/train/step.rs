@@ -10,6 +10,8 @@ use candle_core::{Device, Tensor, D};
 use super::config::{Method, TrainConfig};
 use super::examples::{to_sequence, TrainExample};
 use super::method_options::LossType;
+use super::metrics::Accumulator;
+use super::update::MicroLoss;
 use crate::data::collate::{collate, retain_scored, Collated};
 use crate::data::encode::{PromptCompletion, Sequence};
 use crate::data::pack::collate_packed;
@@ -115,6 +117,46 @@ fn vec1(t: &Tensor) -> Result<Vec<f32>> {
 
 fn mean(v: &[f32]) -> f64 {
     v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Completion tokens SFT normalises the step's summed NLL by (TRL counts the whole step).
+pub fn sft_token_count(micro: &[Vec<(usize, &TrainExample)>], max_length: usize) -> f64 {
+    micro
+        .iter()
+        .flatten()
+        .map(|(_, e)| match e {
+            TrainExample::Sft(pc) => {
+                // assistant_only_loss: only the tokens the loss mask keeps count.
+                let s = to_sequence(pc, max_length);
+                match pc.loss_mask {
+                    None => s.scored_tokens(),
+                    Some(_) => (s.loss_start.max(1)..s.ids.len())
+                        .filter(|&p| pc.in_loss(p))
+                        .count(),
+                }
+            }
+            _ => 0,
+        })
+        .sum::<usize>() as f64
+}
+
+/// The losses of one optimizer step of the offline methods (SFT/DPO/KTO/ORPO) over the
+/// micro-batches `micro`, as [`crate::train::update::update`] takes them: micro-batch `i`'s
+/// [`micro_batch`], its metrics added to the step's.
+pub fn offline_losses<'a>(
+    ctx: &'a StepContext<'a>,
+    micro: &'a [Vec<(usize, &'a TrainExample)>],
+) -> impl FnMut(usize, &mut Accumulator) -> Result<MicroLoss> + 'a {
+    let sft_tokens = sft_token_count(micro, ctx.cfg.max_length);
+    let scale = 1.0 / micro.len().max(1) as f64;
+    move |i, metrics| {
+        let out = micro_batch(ctx, &micro[i], scale, sft_tokens)?;
+        metrics.add(&out.metrics);
+        Ok(MicroLoss {
+            loss: out.loss,
+            tokens: out.tokens,
+        })
+    }
 }
 
 /// Runs one micro-batch. `scale` divides the loss (1/accumulation steps); for SFT

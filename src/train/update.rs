@@ -1,20 +1,30 @@
-//! One optimizer step of the offline methods (SFT/DPO/KTO/ORPO): each micro-batch's forward
-//! and backward, gradients summed, the non-finite guard, clipping, AdamW. `leash dpo` (the
-//! trainer) and `leash bench` both call [`optimizer_step`], so a bench figure is the figure of
-//! the step users run — metrics, collation and host copies included. Mirrors the inner loop
-//! of transformers' `Trainer._inner_training_loop` (accumulate → clip → step).
+//! One optimizer step, for every method: each micro-batch's forward and backward, gradients
+//! summed, the non-finite guard, clipping, AdamW. Mirrors the inner loop of transformers'
+//! `Trainer._inner_training_loop` (accumulate → clip → step). The method supplies only the
+//! micro-batch's loss ([`super::step::offline_losses`] for SFT/DPO/KTO/ORPO,
+//! [`super::grpo::grpo_losses`] for GRPO);
+//! `leash <method>` (through [`crate::train::engine`]) and `leash bench` both run [`update`],
+//! so a bench figure is the figure of the step users run.
 
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 
 use super::config::TrainConfig;
-use super::divergence::stopped;
-use super::examples::{to_sequence, TrainExample};
+use super::divergence::{stopped, DivergenceGuard};
+use super::examples::TrainExample;
 use super::grads::GradAccumulator;
 use super::metrics::Accumulator;
 use super::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
-use super::step::{micro_batch, StepContext};
+use super::step::{offline_losses, StepContext};
 use crate::error::Result;
 use crate::model::checkpoint;
+
+/// What one micro-batch hands the update.
+pub struct MicroLoss {
+    /// Scalar loss already divided for accumulation; backward() this.
+    pub loss: Tensor,
+    /// Non-padding tokens processed (TRL's `num_tokens` increment).
+    pub tokens: usize,
+}
 
 /// What one optimizer step reports (its metrics go to the caller's [`Accumulator`]).
 pub struct StepOutcome {
@@ -22,11 +32,13 @@ pub struct StepOutcome {
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
-    /// Non-padding tokens processed (TRL's `num_tokens` increment).
+    /// Non-padding tokens processed.
     pub tokens: usize,
+    /// The divergence guard's once-per-run notice (an exactly zero gradient).
+    pub warning: Option<String>,
 }
 
-/// AdamW with the run's betas, epsilon and weight decay.
+/// AdamW with the run's betas, epsilon and weight decay: the one optimizer construction.
 pub fn adamw(cfg: &TrainConfig, vars: &[(String, Var)]) -> AdamW {
     AdamW::new(
         vars,
@@ -39,47 +51,27 @@ pub fn adamw(cfg: &TrainConfig, vars: &[(String, Var)]) -> AdamW {
     )
 }
 
-/// Completion tokens SFT normalises the step's summed NLL by (TRL counts the whole step).
-pub fn sft_token_count(micro: &[Vec<(usize, &TrainExample)>], max_length: usize) -> f64 {
-    micro
-        .iter()
-        .flatten()
-        .map(|(_, e)| match e {
-            TrainExample::Sft(pc) => {
-                // assistant_only_loss: only the tokens the loss mask keeps count.
-                let s = to_sequence(pc, max_length);
-                match pc.loss_mask {
-                    None => s.scored_tokens(),
-                    Some(_) => (s.loss_start.max(1)..s.ids.len())
-                        .filter(|&p| pc.in_loss(p))
-                        .count(),
-                }
-            }
-            _ => 0,
-        })
-        .sum::<usize>() as f64
-}
-
-/// Runs the micro-batches `micro` of optimizer step `step` (0-based, for messages) and applies
-/// one AdamW update at learning rate `lr`. A non-finite loss stops before anything of the step
-/// is applied.
-pub fn optimizer_step(
-    ctx: &StepContext,
+/// The optimizer step `step` (0-based) at learning rate `lr`: runs `micro(i, metrics)` for
+/// each of the `n_micro` micro-batches and backward on its loss, then clips and applies
+/// AdamW. A non-finite loss or gradient norm stops before anything of the step is applied;
+/// `guard` (a training run's; the bench has none) also checks the weights after it.
+#[allow(clippy::too_many_arguments)]
+pub fn update(
+    cfg: &TrainConfig,
     vars: &[(String, Var)],
     opt: &mut AdamW,
-    micro: &[Vec<(usize, &TrainExample)>],
-    lr: f64,
+    guard: Option<&mut DivergenceGuard>,
     step: usize,
+    lr: f64,
+    n_micro: usize,
     metrics: &mut Accumulator,
+    mut micro: impl FnMut(usize, &mut Accumulator) -> Result<MicroLoss>,
 ) -> Result<StepOutcome> {
-    let cfg: &TrainConfig = ctx.cfg;
     crate::model::linear::seed_dropout(cfg.seed, step);
-    let sft_tokens = sft_token_count(micro, cfg.max_length);
-    let scale = 1.0 / micro.len().max(1) as f64;
     let mut grads = GradAccumulator::new(vars.len());
     let (mut loss, mut tokens) = (0.0f64, 0usize);
-    for examples in micro {
-        let out = micro_batch(ctx, examples, scale, sft_tokens)?;
+    for i in 0..n_micro {
+        let out = micro(i, metrics)?;
         let value = out.loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             return Err(stopped(
@@ -93,7 +85,6 @@ pub fn optimizer_step(
         // Adds checkpointed layers' parameter gradients (the same as backward() without).
         let store = checkpoint::backward(&out.loss)?;
         grads.add(&store, vars)?;
-        metrics.add(&out.metrics);
         tokens += out.tokens;
     }
     let mut grads = grads.finish(vars)?;
@@ -106,10 +97,38 @@ pub fn optimizer_step(
             "lower --learning-rate (typical: 1e-6–1e-4 for fine-tuning) and keep --max-grad-norm on",
         ));
     }
-    opt.step(vars, &grads, lr)?;
+    let warning = match guard {
+        Some(g) => {
+            let warning = g.check_grads(&cfg.output_dir, step + 1, grad_norm)?;
+            opt.step(vars, &grads, lr)?;
+            g.check_weights(vars, &cfg.output_dir, step + 1)?;
+            warning
+        }
+        None => {
+            opt.step(vars, &grads, lr)?;
+            None
+        }
+    };
     Ok(StepOutcome {
         loss,
         grad_norm,
         tokens,
+        warning,
     })
+}
+
+/// Offline-method (SFT/DPO/KTO/ORPO) step `step` over `micro` at the configured learning
+/// rate, outside a training run (no schedule, no divergence guard): the step `leash bench`
+/// times and the LoRA lab inspects, the same [`update`] as `leash <method>`'s.
+pub fn fixed_lr_step(
+    ctx: &StepContext,
+    vars: &[(String, Var)],
+    opt: &mut AdamW,
+    micro: &[Vec<(usize, &TrainExample)>],
+    step: usize,
+    metrics: &mut Accumulator,
+) -> Result<StepOutcome> {
+    let (cfg, lr) = (ctx.cfg, ctx.cfg.learning_rate);
+    let losses = offline_losses(ctx, micro);
+    update(cfg, vars, opt, None, step, lr, micro.len(), metrics, losses)
 }
