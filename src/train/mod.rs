@@ -1,5 +1,6 @@
 //! Training: options, examples, the loop, optimizer, schedule, checkpoints, metrics.
 
+pub mod args;
 pub mod checkpoint;
 pub mod config;
 pub mod divergence;
@@ -18,6 +19,7 @@ pub mod schedule;
 pub mod step;
 pub mod trainer;
 pub mod update;
+mod validate;
 
 use crate::error::Result;
 use config::{Method, TrainConfig};
