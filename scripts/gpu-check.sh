@@ -5,7 +5,8 @@
 #   1. the GPU tests (tests/gpu.rs: log-probs, gradients and TRL golden trajectories on the GPU
 #      against the CPU path and the goldens);
 #   2. the first output line names the GPU, and bad device requests fail with exit 2;
-#   3. `leash bench --device cuda` on the SmolLM-135M, Qwen2.5-0.5B and Llama-3.2-1B shapes;
+#   3. `leash bench --device cuda --bf16` (DPO step, TRL's bf16 setting) on the SmolLM-135M,
+#      Qwen2.5-0.5B and Llama-3.2-1B shapes;
 #   4. `leash dpo --device cuda` end to end on a generated workload, side by side with TRL when
 #      the machine's Python has TRL (scripts/side_by_side.py).
 # Usage: bash scripts/gpu-check.sh [artifact folder]   (logs in $OUT or /tmp/leash-gpu-check)
@@ -64,9 +65,9 @@ bad_index() {
 export -f bad_index
 check bad-device-index 60 bash -c bad_index
 
-check bench-smollm-135m 120 "$LEASH_BIN" bench --device cuda --shape smollm-135m --what dpo --steps 3 --pairs 8
-check bench-qwen2.5-0.5b 150 "$LEASH_BIN" bench --device cuda --shape qwen2.5-0.5b --what dpo --steps 3 --pairs 8
-check bench-llama3.2-1b 150 "$LEASH_BIN" bench --device cuda --shape llama3.2-1b --what dpo --steps 3 --pairs 8
+check bench-smollm-135m 120 "$LEASH_BIN" bench --device cuda --shape smollm-135m --what dpo --steps 3 --pairs 8 --bf16
+check bench-qwen2.5-0.5b 150 "$LEASH_BIN" bench --device cuda --shape qwen2.5-0.5b --what dpo --steps 3 --pairs 8 --bf16
+check bench-llama3.2-1b 150 "$LEASH_BIN" bench --device cuda --shape llama3.2-1b --what dpo --steps 3 --pairs 8 --bf16
 
 py=""
 for p in /opt/torch/.venv/bin/python python3; do

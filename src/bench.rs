@@ -113,7 +113,7 @@ pub fn run(
     what: &str,
     steps: usize,
     pairs: usize,
-    checkpointing: bool,
+    (checkpointing, bf16): (bool, bool),
     device: &Device,
     mut emit: impl FnMut(serde_json::Value),
 ) -> Result<()> {
@@ -127,16 +127,19 @@ pub fn run(
         ));
     }
     let cfg = shape(shape_name)?;
+    // `--bf16`: every timed step in mixed precision, as `leash <method> --bf16` runs it.
+    let precision = if bf16 { DType::BF16 } else { DType::F32 };
+    let _autocast = crate::kernels::autocast::autocast(bf16.then_some(DType::BF16));
     let threads = candle_core::utils::get_num_threads();
     let where_ = crate::device::DeviceChoice::of(device).to_string();
     let is = |w: &str| what == w || what == "all";
     let ceiling = if what == "generate" || what == "grpo" {
         None
     } else {
-        let c = ceiling::matmul_ceiling(&cfg, device)?;
+        let c = ceiling::matmul_ceiling(&cfg, precision, device)?;
         emit(
             json!({"bench": "matmul ceiling", "shape": shape_name, "threads": threads,
-            "device": where_, "tokens_per_s": 0.0, "gflops_per_s": c}),
+            "device": where_, "bf16": bf16, "tokens_per_s": 0.0, "gflops_per_s": c}),
         );
         Some(c)
     };
@@ -148,7 +151,7 @@ pub fn run(
         let gflops = flops / secs / 1e9;
         json!({
             "bench": name, "shape": shape_name, "threads": threads, "device": where_,
-            "seconds_per_step": secs,
+            "bf16": bf16, "seconds_per_step": secs,
             "tokens_per_step": tokens, "tokens_per_s": tokens as f64 / secs,
             "gflops_per_s": gflops, "matmul_ceiling_gflops": ceiling,
             "fraction_of_ceiling": ceiling.map(|c| gflops / c),

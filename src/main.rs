@@ -172,6 +172,10 @@ enum Command {
         /// Train with gradient checkpointing (train, dpo, dpo-lora), as `--gradient-checkpointing`.
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// Time every step in mixed precision (bf16 matrix products, f32 weights and losses),
+        /// as the trainers' `--bf16`; the ceiling is then bf16's.
+        #[arg(long)]
+        bf16: bool,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -392,6 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             steps,
             pairs,
             gradient_checkpointing,
+            bf16,
             device,
         } => {
             if pairs == 0 {
@@ -402,7 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .into());
             }
             let device = device.open()?;
-            let (g, d) = (gradient_checkpointing, &device);
+            let (g, d) = ((gradient_checkpointing, bf16), &device);
             leash::bench::run(&shape, &what, steps, pairs, g, d, |obj| {
                 eprintln!(
                     "{:<22} {:>8.0} tokens/s  {:>6.1} GFLOP/s  ({} threads)",

@@ -50,6 +50,7 @@ fn sample(option: &str) -> (&'static str, &'static [&'static str]) {
         | "precompute_ref_log_probs"
         | "padding_free"
         | "gradient_checkpointing"
+        | "bf16"
         | "assistant_only_loss"
         | "use_peft"
         | "mask_truncated_completions" => ("true", &["true"]),

@@ -4,15 +4,20 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::model::ModelConfig;
 
-/// GFLOP/s of `(m × k) · (k × n)`, best of `reps` after a warm-up.
-fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize, device: &Device) -> Result<f64> {
-    let a = Tensor::randn(0f32, 1.0, (m, k), device)?;
-    let b = Tensor::randn(0f32, 1.0, (k, n), device)?;
+/// GFLOP/s of `(m × k) · (k × n)` in `dtype`, best of `reps` after a warm-up.
+fn matmul_gflops(
+    (m, k, n): (usize, usize, usize),
+    dtype: DType,
+    reps: usize,
+    device: &Device,
+) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), device)?.to_dtype(dtype)?;
     a.matmul(&b)?;
     device.synchronize()?;
     let mut best = f64::INFINITY;
@@ -27,8 +32,9 @@ fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize, device: &Device) -> 
 }
 
 /// The best GFLOP/s over the shape's projections (2,048 rows × hidden → intermediate, and the
-/// lm_head) and a large square product.
-pub fn matmul_ceiling(cfg: &ModelConfig, device: &Device) -> Result<f64> {
+/// lm_head) and a large square product, in the dtype the step's products use (bf16 under
+/// `--bf16`).
+pub fn matmul_ceiling(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<f64> {
     let d = cfg.hidden_size;
     let shapes = [
         (2048, d, cfg.intermediate_size),
@@ -38,7 +44,7 @@ pub fn matmul_ceiling(cfg: &ModelConfig, device: &Device) -> Result<f64> {
     ];
     let mut best: f64 = 0.0;
     for (m, k, n) in shapes {
-        best = best.max(matmul_gflops(m, k, n, 5, device)?);
+        best = best.max(matmul_gflops((m, k, n), dtype, 5, device)?);
     }
     Ok(best)
 }

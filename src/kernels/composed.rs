@@ -77,6 +77,16 @@ pub fn attention(
 /// `x · w` with candle's matmul; a bf16/f16 w under an f32/f64 x is upcast for the product
 /// only (exact). A w that tracks no gradient gets none (see the file header).
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if super::autocast::active_for(x).is_some() {
+        // Mixed precision: the product in bf16 (a bf16-held frozen w is used as it is).
+        super::autocast::matmul(x, w)
+    } else {
+        exact_matmul(x, w)
+    }
+}
+
+/// `x · w` in x's dtype whatever autocast says (a bf16/f16 w under an f32/f64 x upcast).
+fn exact_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if is_half(w.dtype()) && !is_half(x.dtype()) {
         x.matmul(&upcast(w)?.to_dtype(x.dtype())?)
     } else {
@@ -106,9 +116,9 @@ pub fn lora_linear(
         }
         None => x.clone(),
     };
-    let low = xin.matmul(&a.t()?)?; // (n, r)
-                                    // Scale the small (r, o) factor, not the (n, o) activation.
-    y + low.matmul(&(b.t()? * scale)?)?
+    let low = super::autocast::matmul(&xin, &a.t()?)?; // (n, r)
+                                                       // Scale the small (r, o) factor, not the (n, o) activation.
+    y + super::autocast::matmul(&low, &(b.t()? * scale)?)?
 }
 
 /// log p(target | row) for logits (n, v) and u32 targets (n,): log_softmax then gather.
@@ -125,7 +135,8 @@ pub fn head_logprobs(
     targets: &[u32],
     want_stats: bool,
 ) -> candle_core::Result<HeadLogprobs> {
-    let logits = frozen_matmul(hidden, &weight.t()?)?; // (n, v)
+    // f32 even under --bf16: every log-prob is read from these logits.
+    let logits = exact_matmul(hidden, &weight.t()?)?; // (n, v)
     let t = Tensor::new(targets, hidden.device())?;
     let token_logps = token_logprobs(&logits, &t)?;
     let stats = if want_stats {

@@ -18,6 +18,7 @@
 //!
 //! Legend: b batch, h heads, t time, s keys, d head dim, n rows, c channels, v vocab.
 
+pub mod autocast;
 pub mod composed;
 pub mod cpu;
 pub mod row_stats;
@@ -50,6 +51,15 @@ pub fn choice(operands: &[&Tensor]) -> Path {
         Path::Composed
     } else {
         Path::CpuFused
+    }
+}
+
+/// [`choice`] for the linear layers' and adapters' products: the composed path also
+/// while [`autocast`] is on, since the fused CPU kernels compute in their operands' f32.
+fn matmul_choice(operands: &[&Tensor]) -> Path {
+    match autocast::active_for(operands[0]) {
+        Some(_) => Path::Composed,
+        None => choice(operands),
     }
 }
 
@@ -134,7 +144,7 @@ pub fn attention(
 /// the frozen lm_head) gets none, and its weight-sized gradient is never computed; a bf16/f16
 /// w is upcast for the product only (exact).
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    match choice(&[x, w]) {
+    match matmul_choice(&[x, w]) {
         Path::CpuFused if cpu::frozen_matmul::supports(x, w) => {
             cpu::frozen_matmul::frozen_matmul(x, w)
         }
@@ -155,7 +165,7 @@ pub fn lora_linear(
 ) -> candle_core::Result<Tensor> {
     let mut operands = vec![x, w_io, a, b];
     operands.extend(bias);
-    match (choice(&operands), dropout) {
+    match (matmul_choice(&operands), dropout) {
         (Path::CpuFused, None) if cpu::lora_linear::supports(x, w_io, bias, a, b) => {
             cpu::lora_linear::lora_linear(x, w_io, bias, a, b, scale)
         }
@@ -186,6 +196,7 @@ pub fn head_logprobs(
     targets: &[u32],
     want_stats: bool,
 ) -> candle_core::Result<HeadLogprobs> {
+    // Not autocast: under --bf16 the lm_head's product stays f32 with its log-softmax.
     match choice(&[hidden, weight]) {
         Path::CpuFused if cpu::lm_head_logprob::supports(hidden, weight) => {
             cpu::lm_head_logprob::head_logprobs(hidden, weight, targets, want_stats)

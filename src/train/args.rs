@@ -145,6 +145,12 @@ pub struct TrainArgs {
     /// Default false (TRL's default is true; see the README on why leash differs).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// Mixed precision (TRL's name): the matrix products of the linear layers, LoRA adapters
+    /// and lm_head in bf16; master weights, AdamW, norms, attention's softmax, the log-softmax
+    /// and the losses in f32. Default: on for a GPU (as TRL), off on the CPU, whose products
+    /// are no faster in bf16 here.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub bf16: Option<bool>,
     /// Storage dtype of frozen weights (the reference model; the LoRA base): f32 (default)
     /// holds them in f32; auto keeps a bf16/f16 checkpoint's matrices in that dtype, upcast per
     /// use (exact, half the frozen memory, but slower: see BENCHMARKS.md); bf16 also rounds an

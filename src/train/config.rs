@@ -90,6 +90,10 @@ pub struct TrainConfig {
     pub precompute_ref_log_probs: bool,
     pub padding_free: bool,
     pub gradient_checkpointing: bool,
+    /// Mixed precision; `None` (the default, so absent from the defaults above): on for a GPU,
+    /// off on the CPU. The run's leash_config.json records what it used.
+    #[serde(default)]
+    pub bf16: Option<bool>,
     /// auto, f32 or bf16 (see [`crate::model::frozen_dtype`]); absent from older configs.
     #[serde(default = "default_frozen_dtype")]
     pub frozen_dtype: String,

@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Device, Var};
+use candle_core::{DType, Device, Var};
 use serde_json::{Map, Value};
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainerState};
@@ -23,6 +23,7 @@ use super::run_dir::{prepare_output_dir, prune_checkpoints, trim_metrics};
 use super::schedule::{lr_factor, warmup_steps};
 use super::update::{adamw, update, MicroLoss, StepOutcome};
 use crate::error::{LeashError, Result};
+use crate::kernels::autocast::{autocast, Autocast};
 use crate::model::lora::AdapterConfig;
 use crate::model_io::save_weights;
 use crate::progress::Progress;
@@ -62,6 +63,7 @@ pub fn open(cfg: &TrainConfig) -> Result<(Device, Progress)> {
 pub fn write_config(cfg: &TrainConfig, device: &Device) -> Result<()> {
     let mut resolved = cfg.clone();
     resolved.device = crate::device::DeviceChoice::of(device);
+    resolved.bf16 = Some(bf16(cfg, device));
     let json = resolved.method_json();
     let path = cfg.output_dir.join("leash_config.json");
     std::fs::write(
@@ -69,6 +71,12 @@ pub fn write_config(cfg: &TrainConfig, device: &Device) -> Result<()> {
         serde_json::to_string_pretty(&json).unwrap_or_default(),
     )
     .map_err(|e| LeashError::io(&path, e, "check the output folder is writable"))
+}
+
+/// Whether the run trains in mixed precision: `--bf16` as given, else on for a GPU (TRL's
+/// default) and off on the CPU.
+pub fn bf16(cfg: &TrainConfig, device: &Device) -> bool {
+    cfg.bf16.unwrap_or(!device.is_cpu())
 }
 
 /// What the engine trains and how long.
@@ -105,6 +113,8 @@ pub struct Engine<'c> {
     window: (f64, usize),
     last_loss: Option<f64>,
     last_lr: f64,
+    /// Mixed precision for everything the run computes on this thread, while it lasts.
+    _autocast: Autocast,
 }
 
 impl<'c> Engine<'c> {
@@ -117,6 +127,11 @@ impl<'c> Engine<'c> {
         plan: Plan,
     ) -> Result<Self> {
         write_config(cfg, &device)?;
+        let precision = bf16(cfg, &device).then_some(DType::BF16);
+        if precision.is_some() {
+            progress
+                .println("mixed precision: bf16 matrix products, f32 weights and losses (--bf16)");
+        }
         let mut opt = adamw(cfg, &plan.vars);
         let state = initial_state(cfg, &plan.vars, &mut opt, &progress)?;
         let guard = DivergenceGuard::new(&plan.vars, plan.zero_grads_ok)?;
@@ -140,6 +155,7 @@ impl<'c> Engine<'c> {
             window: (0.0, 0),
             last_loss: None,
             last_lr: cfg.learning_rate,
+            _autocast: autocast(precision),
         })
     }
 

@@ -74,6 +74,7 @@ pub const OPTIONS: &[(&str, &[Method])] = &[
     // TRL: SFT and DPO. leash's packing is exact, so KTO and GRPO use it too; ORPO always pads.
     ("padding_free", &[Sft, Dpo, Kto, Grpo]),
     ("gradient_checkpointing", ALL),
+    ("bf16", ALL),
     // leash's (no TRL counterpart): the reference, and the LoRA base under any method.
     ("frozen_dtype", ALL),
     // TRL/transformers place the model through accelerate (`use_cpu`, CUDA_VISIBLE_DEVICES).

@@ -14,6 +14,7 @@ pub mod optimizer;
 pub mod policy;
 pub mod reference;
 pub mod resume_check;
+pub mod rewards;
 pub mod run_dir;
 pub mod schedule;
 pub mod step;
