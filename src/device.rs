@@ -222,7 +222,7 @@ pub fn is_out_of_memory(text: &str) -> bool {
 pub fn out_of_memory(detail: &str) -> LeashError {
     LeashError::OutOfMemory {
         message: format!("the GPU ran out of memory ({})", detail.trim()),
-        hint: "lower per_device_train_batch_size (--per-device-train-batch-size; raise --gradient-accumulation-steps to keep the effective batch), add --gradient-checkpointing, or hold the frozen reference and LoRA base in bf16 (--frozen-dtype bf16); --max-length bounds the longest sequence".into(),
+        hint: "lower per_device_train_batch_size (--per-device-train-batch-size; raise --gradient-accumulation-steps to keep the effective batch), add --gradient-checkpointing, keep --bf16 on (the GPU default: bf16 products) and hold the frozen reference and LoRA base in bf16 (--frozen-dtype bf16); --max-length bounds the longest sequence".into(),
     }
 }
 
@@ -373,6 +373,7 @@ mod tests {
             "hint:",
             "per_device_train_batch_size",
             "--gradient-checkpointing",
+            "--bf16",
             "--frozen-dtype bf16",
         ] {
             assert!(err.contains(needle), "missing {needle}: {err}");
