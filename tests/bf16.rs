@@ -208,4 +208,24 @@ fn the_cli_takes_bf16_and_says_so() {
     for (name, view) in tensors.tensors() {
         assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
     }
+    // Resuming it without --bf16 (f32 on the CPU) continues, with a warning naming both.
+    let resumed = leash(&[
+        "sft",
+        "--model",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--dataset",
+        fixture("tiny-llama/sft_train.jsonl").to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--resume-from-checkpoint",
+        out.join("checkpoint-1").to_str().unwrap(),
+    ]);
+    let err = stderr(&resumed);
+    assert!(resumed.status.success(), "{err}");
+    assert!(
+        err.contains("trained in bf16 mixed precision, this run continues in f32"),
+        "{err}"
+    );
 }

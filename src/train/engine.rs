@@ -315,10 +315,11 @@ fn initial_state(
     opt: &mut AdamW,
     progress: &Progress,
 ) -> Result<TrainerState> {
-    let run = RunIdentity::of(cfg)?;
+    let mut run = RunIdentity::of(cfg)?;
     let device = vars
         .first()
         .map(|(_, v)| crate::device::DeviceChoice::of(v.device()).to_string());
+    run.bf16 = vars.first().map(|(_, v)| bf16(cfg, v.device()));
     let Some(dir) = &cfg.resume_from_checkpoint else {
         return Ok(TrainerState {
             global_step: 0,

@@ -29,6 +29,10 @@ pub struct RunIdentity {
     pub gradient_accumulation_steps: usize,
     pub use_peft: bool,
     pub seed: u64,
+    /// Whether the run trains in mixed precision (`--bf16` as resolved for its device); absent
+    /// in checkpoints of older versions. Another precision is warned about, not refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bf16: Option<bool>,
 }
 
 /// 64-bit FNV-1a: a stable content fingerprint (std's hasher may change between releases).
@@ -86,6 +90,8 @@ impl RunIdentity {
             gradient_accumulation_steps: cfg.gradient_accumulation_steps,
             use_peft: cfg.use_peft,
             seed: cfg.seed,
+            // Resolved against the run's device by the engine.
+            bf16: cfg.bf16,
         })
     }
 }
@@ -161,6 +167,16 @@ pub fn check_resume(
         }
     }
     let mut warnings = Vec::new();
+    if let (Some(was), Some(is)) = (saved.bf16, now.bf16) {
+        if was != is {
+            let name = |b: bool| if b { "bf16 mixed precision" } else { "f32" };
+            warnings.push(format!(
+                "warning: the checkpoint was trained in {}, this run continues in {}: the trajectory differs by the rounding of bf16 products (pass --bf16 {was} to keep it)",
+                name(was),
+                name(is)
+            ));
+        }
+    }
     if saved.seed != now.seed {
         warnings.push(format!(
             "warning: the checkpoint was written with seed {}, this run has seed {}: epochs after the current one are shuffled differently",
@@ -173,6 +189,36 @@ pub fn check_resume(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_precision_is_warned_about_not_refused() {
+        let run = |bf16| RunIdentity {
+            method: "dpo".into(),
+            model: "m".into(),
+            model_fingerprint: "f".into(),
+            dataset: "d".into(),
+            dataset_fingerprint: "g".into(),
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            use_peft: false,
+            seed: 42,
+            bf16,
+        };
+        let dir = Path::new("out/checkpoint-3");
+        let warned = check_resume(dir, Some(&run(Some(true))), &run(Some(false))).unwrap();
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(
+            warned[0].contains("bf16 mixed precision") && warned[0].contains("--bf16 true"),
+            "{warned:?}"
+        );
+        // Same precision, or a checkpoint that does not record it: nothing to say.
+        assert!(check_resume(dir, Some(&run(Some(true))), &run(Some(true)))
+            .unwrap()
+            .is_empty());
+        assert!(check_resume(dir, Some(&run(None)), &run(Some(false)))
+            .unwrap()
+            .is_empty());
+    }
 
     #[test]
     fn fnv1a_matches_the_reference_vectors() {
