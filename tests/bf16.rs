@@ -187,20 +187,18 @@ fn thirty_dpo_steps_in_bf16_stay_within_5_percent_of_f32() {
 fn the_cli_takes_bf16_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let run = leash(&[
-        "sft",
-        "--model",
-        fixture("tiny-llama").to_str().unwrap(),
-        "--dataset",
-        fixture("tiny-llama/sft_train.jsonl").to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "1",
-        "--bf16",
-    ]);
-    let err = stderr(&run);
-    assert!(run.status.success(), "{err}");
+    let sft = |extra: &[&str]| {
+        let (model, data) = (fixture("tiny-llama"), fixture("tiny-llama/sft_train.jsonl"));
+        let mut args = vec!["sft", "--model", model.to_str().unwrap()];
+        args.extend(["--dataset", data.to_str().unwrap()]);
+        args.extend(["--output-dir", out.to_str().unwrap()]);
+        args.extend(extra);
+        let run = leash(&args);
+        let err = stderr(&run);
+        assert!(run.status.success(), "{err}");
+        err
+    };
+    let err = sft(&["--max-steps", "1", "--bf16"]);
     assert!(err.contains("mixed precision: bf16"), "{err}");
     // The checkpoint holds the f32 master weights, not a bf16 rounding of them.
     let saved = std::fs::read(out.join("model.safetensors")).unwrap();
@@ -209,21 +207,13 @@ fn the_cli_takes_bf16_and_says_so() {
         assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
     }
     // Resuming it without --bf16 (f32 on the CPU) continues, with a warning naming both.
-    let resumed = leash(&[
-        "sft",
-        "--model",
-        fixture("tiny-llama").to_str().unwrap(),
-        "--dataset",
-        fixture("tiny-llama/sft_train.jsonl").to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
+    let checkpoint = out.join("checkpoint-1");
+    let err = sft(&[
         "--max-steps",
         "2",
         "--resume-from-checkpoint",
-        out.join("checkpoint-1").to_str().unwrap(),
+        checkpoint.to_str().unwrap(),
     ]);
-    let err = stderr(&resumed);
-    assert!(resumed.status.success(), "{err}");
     assert!(
         err.contains("trained in bf16 mixed precision, this run continues in f32"),
         "{err}"
