@@ -260,3 +260,44 @@ fn mean_reward_rises_on_a_toy_verifiable_task() {
         "reward did not rise: first 5 steps {first:.3}, last 5 {last:.3}: {r:?}"
     );
 }
+
+#[test]
+fn a_logging_window_logs_the_mean_loss_and_the_last_steps_grad_norm() {
+    // As transformers' Trainer logs (and TRL's GRPOTrainer with it): `loss` averaged over the
+    // steps since the last log, `grad_norm` of the logging step itself. The same seeded run
+    // logged every step gives each step's values.
+    let run = |logging: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().display().to_string();
+        let mut args = grpo_args(
+            &out,
+            &[
+                "--max-steps",
+                "2",
+                "--num-generations",
+                "4",
+                "--per-device-train-batch-size",
+                "8",
+                "--max-completion-length",
+                "8",
+                "--reward-funcs",
+                "length",
+                "--learning-rate",
+                "1e-3",
+            ],
+        );
+        let at = args.iter().position(|a| *a == "--logging-steps").unwrap();
+        args[at + 1] = logging;
+        let result = leash(&args);
+        assert!(result.status.success(), "{}", stderr(&result));
+        metrics(dir.path())
+    };
+    let every = run("1");
+    let window = run("2");
+    assert_eq!((every.len(), window.len()), (2, 1));
+    let f = |m: &Value, k: &str| m[k].as_f64().unwrap();
+    let mean_loss = (f(&every[0], "loss") + f(&every[1], "loss")) / 2.0;
+    assert!((f(&window[0], "loss") - mean_loss).abs() <= 1e-9 * mean_loss.abs().max(1.0));
+    assert_eq!(f(&window[0], "grad_norm"), f(&every[1], "grad_norm"));
+    assert_ne!(f(&every[0], "grad_norm"), f(&every[1], "grad_norm"));
+}
