@@ -269,23 +269,15 @@ fn a_logging_window_logs_the_mean_loss_and_the_last_steps_grad_norm() {
     let run = |logging: &str| {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().display().to_string();
-        let mut args = grpo_args(
-            &out,
-            &[
-                "--max-steps",
-                "2",
-                "--num-generations",
-                "4",
-                "--per-device-train-batch-size",
-                "8",
-                "--max-completion-length",
-                "8",
-                "--reward-funcs",
-                "length",
-                "--learning-rate",
-                "1e-3",
-            ],
-        );
+        let mut extra = vec!["--max-steps", "2", "--reward-funcs", "length"];
+        extra.extend(["--num-generations", "4", "--max-completion-length", "8"]);
+        extra.extend([
+            "--per-device-train-batch-size",
+            "8",
+            "--learning-rate",
+            "1e-3",
+        ]);
+        let mut args = grpo_args(&out, &extra);
         let at = args.iter().position(|a| *a == "--logging-steps").unwrap();
         args[at + 1] = logging;
         let result = leash(&args);
