@@ -145,6 +145,8 @@ pub fn attention(
 /// w is upcast for the product only (exact).
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     match matmul_choice(&[x, w]) {
+        // Decoding: a few rows, no gradient (src/kernels/cpu/thin_matmul.rs).
+        Path::CpuFused if cpu::thin_matmul::supports(x, w) => cpu::thin_matmul::thin_matmul(x, w),
         Path::CpuFused if cpu::frozen_matmul::supports(x, w) => {
             cpu::frozen_matmul::frozen_matmul(x, w)
         }

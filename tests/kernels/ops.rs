@@ -380,3 +380,33 @@ fn lora_linear() {
         }
     }
 }
+
+/// The thin product (decode steps: ≤ 8 rows, no gradient) against candle's matmul, on a
+/// weight stored (out, in) as checkpoints store it, for every row count it takes and an output
+/// count that does not fill its last task; and which operands it refuses.
+#[test]
+fn thin_matmul() {
+    let w_stored = noise(&[600, 48], 1.0, 51); // (n, k)
+    let w = w_stored.t().unwrap(); // (k, n) view
+    for m in 1..=cpu::thin_matmul::MAX_ROWS {
+        let x = noise(&[m, 48], 1.0, 50 + m as u64);
+        assert!(cpu::thin_matmul::supports(&x, &w), "{m} rows");
+        let got = cpu::thin_matmul::thin_matmul(&x, &w).unwrap();
+        let want = x.matmul(&w).unwrap();
+        assert_eq!(got.dims(), &[m, 600]);
+        let d = rel_diff(&got, &want, 1.0);
+        assert!(d <= FWD_TOL, "{m} rows: {d:e}");
+    }
+    let x9 = noise(&[9, 48], 1.0, 60);
+    assert!(!cpu::thin_matmul::supports(&x9, &w), "more rows: gemm");
+    let x = noise(&[2, 48], 1.0, 61);
+    assert!(
+        !cpu::thin_matmul::supports(&x, &w_stored.t().unwrap().contiguous().unwrap()),
+        "a (k, n) layout"
+    );
+    let tracked = var(&[2, 48], 1.0, 62);
+    assert!(
+        !cpu::thin_matmul::supports(tracked.as_tensor(), &w),
+        "a gradient is wanted"
+    );
+}

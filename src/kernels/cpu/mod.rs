@@ -17,6 +17,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;
+pub mod thin_matmul;
 pub mod token_logprob;
 
 use candle_core::backend::BackendStorage;
