@@ -13,7 +13,6 @@ use leash::data::encode::Sequence;
 use leash::kernels::autocast::autocast;
 use leash::loss::logps::score;
 use leash::model::checkpoint;
-use leash::model::lora::{init_adapters, select_targets, TargetModules};
 use leash::model::Decoder;
 use leash::train::config::{resolve, Method};
 
@@ -73,16 +72,7 @@ fn per_token_log_probs_are_within_0_05_nats_of_f32_on_every_family() {
 #[test]
 fn frozen_weights_get_no_gradient_and_trainable_ones_an_f32_one() {
     let base = Decoder::load(&fixture("tiny-llama"), &Device::Cpu).unwrap();
-    let modules = base.linear_modules().to_vec();
-    let targets = select_targets(&modules, &TargetModules::from_cli("all-linear")).unwrap();
-    let (vars, adapters) = init_adapters(&targets, 4, 8.0, 0.0, 7, &Device::Cpu).unwrap();
-    for (name, v) in &vars {
-        if name.contains("lora_B") {
-            v.set(&Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-    let model = base.with_adapters(&adapters).unwrap();
+    let (model, vars) = common::lora::all_linear_lora(&base, 0.0);
     let _bf16 = autocast(Some(DType::BF16));
     let lp = score(&model, &batch())
         .unwrap()

@@ -190,16 +190,7 @@ fn lora_gradients_with_dropout_are_unchanged() {
 #[test]
 fn rerun_replays_its_own_dropout_masks() {
     let base = Decoder::load(&fixture("tiny-llama"), &Device::Cpu).unwrap();
-    let modules = base.linear_modules().to_vec();
-    let targets = select_targets(&modules, &TargetModules::from_cli("all-linear")).unwrap();
-    let (vars, adapters) = init_adapters(&targets, 4, 8.0, 0.5, 7, &Device::Cpu).unwrap();
-    for (name, v) in &vars {
-        if name.contains("lora_B") {
-            v.set(&Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-    let mut model = base.with_adapters(&adapters).unwrap();
+    let (mut model, vars) = common::lora::all_linear_lora(&base, 0.5);
     model.set_gradient_checkpointing(true);
     // Record the checkpointed run's masks, then run it without checkpointing on those masks.
     let (on, masks) = dropout_tape::record(|| Ok(grads(&model, &vars))).unwrap();

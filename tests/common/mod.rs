@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod logps_check;
+pub mod lora;
 pub mod train_check;
 
 /// The repository the tests read fixtures from: where they were built, or `LEASH_REPO` when a
