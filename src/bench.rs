@@ -129,7 +129,7 @@ pub fn run(
     let cfg = shape(shape_name)?;
     // `--bf16`: every timed step in mixed precision, as `leash <method> --bf16` runs it.
     let precision = if bf16 { DType::BF16 } else { DType::F32 };
-    let _autocast = crate::kernels::autocast::autocast(bf16.then_some(DType::BF16));
+    let _autocast = crate::kernels::autocast::autocast(bf16.then_some(precision));
     let threads = candle_core::utils::get_num_threads();
     let where_ = crate::device::DeviceChoice::of(device).to_string();
     let is = |w: &str| what == w || what == "all";

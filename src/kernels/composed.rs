@@ -116,8 +116,8 @@ pub fn lora_linear(
         }
         None => x.clone(),
     };
+    // The low-rank branch: the small (r, o) factor is scaled, not the (n, o) activation.
     let low = super::autocast::matmul(&xin, &a.t()?)?; // (n, r)
-                                                       // Scale the small (r, o) factor, not the (n, o) activation.
     y + super::autocast::matmul(&low, &(b.t()? * scale)?)?
 }
 

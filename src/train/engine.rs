@@ -133,7 +133,7 @@ impl<'c> Engine<'c> {
                 .println("mixed precision: bf16 matrix products, f32 weights and losses (--bf16)");
         }
         let mut opt = adamw(cfg, &plan.vars);
-        let state = initial_state(cfg, &plan.vars, &mut opt, &progress)?;
+        let state = initial_state(cfg, &device, &plan.vars, &mut opt, &progress)?;
         let guard = DivergenceGuard::new(&plan.vars, plan.zero_grads_ok)?;
         let log = MetricsLog::open(&cfg.output_dir, cfg.resume_from_checkpoint.is_some())?
             .report_to(cfg)?;
@@ -311,15 +311,14 @@ impl<'c> Engine<'c> {
 /// checking the checkpoint belongs to a compatible run.
 fn initial_state(
     cfg: &TrainConfig,
+    device: &Device,
     vars: &[(String, Var)],
     opt: &mut AdamW,
     progress: &Progress,
 ) -> Result<TrainerState> {
     let mut run = RunIdentity::of(cfg)?;
-    let device = vars
-        .first()
-        .map(|(_, v)| crate::device::DeviceChoice::of(v.device()).to_string());
-    run.bf16 = vars.first().map(|(_, v)| bf16(cfg, v.device()));
+    run.bf16 = Some(bf16(cfg, device));
+    let device = Some(crate::device::DeviceChoice::of(device).to_string());
     let Some(dir) = &cfg.resume_from_checkpoint else {
         return Ok(TrainerState {
             global_step: 0,
