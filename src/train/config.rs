@@ -230,11 +230,17 @@ fn given(args: &TrainArgs) -> Map<String, Value> {
 pub fn read_toml(path: &Path) -> Result<TrainArgs> {
     let text = read_text(path)?;
     toml::from_str(&text).map_err(|e| {
-        LeashError::file(
-            path,
-            format!("invalid config: {}", e.message()),
-            "keys are TRL's snake_case option names (e.g. learning_rate, per_device_train_batch_size); see `leash dpo --help`",
-        )
+        let hint = "keys are TRL's snake_case option names (e.g. learning_rate, per_device_train_batch_size) with their types; see `leash dpo --help`";
+        match e.span() {
+            // The line the parser stopped at, quoted, so a wrong value names its key.
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                let quoted = text.lines().nth(line - 1).unwrap_or_default().trim();
+                let message = format!("invalid config `{quoted}`: {}", e.message());
+                LeashError::row(path, line, message, hint)
+            }
+            None => LeashError::file(path, format!("invalid config: {}", e.message()), hint),
+        }
     })
 }
 
@@ -307,6 +313,21 @@ fn resolve_max_steps(merged: &mut Map<String, Value>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_value_of_the_wrong_type_names_its_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "beta = 0.1\nbf16 = \"yes\"\n").unwrap();
+        let err = read_toml(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("run.toml:2")
+                && err.contains("`bf16 = \"yes\"`")
+                && err.contains("boolean"),
+            "{err}"
+        );
+        assert!(err.contains("hint:"), "{err}");
+    }
 
     fn args() -> TrainArgs {
         TrainArgs {
