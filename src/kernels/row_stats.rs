@@ -9,6 +9,9 @@
 use candle_core::{CpuStorage, Tensor};
 use rayon::prelude::*;
 
+use crate::kernels::cpu;
+use crate::kernels::cpu::fast_exp::sum_exp_shifted;
+
 /// Per-row statistics for logging, read straight from the logits (no copies):
 /// entropy of softmax(row), mean logit, and whether argmax equals the target.
 pub struct RowStats {
@@ -35,28 +38,16 @@ pub fn row_stats(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Vec<Ro
         .collect())
 }
 
-/// Two passes over the row: max, argmax and sum; then the softmax normaliser and Σ p·(x − max)
-/// together, so entropy = ln Σe^(x−max) − Σ p·(x − max) needs one exp per logit. Returns the
-/// row's log-sum-exp too.
+/// Passes over the row: max and sum (in lanes), the argmax (the first element equal to the
+/// max); then the softmax normaliser and Σ p·(x − max) together, so entropy =
+/// ln Σe^(x−max) − Σ p·(x − max) needs one exp per logit. Returns the row's log-sum-exp too.
 pub fn stats_of_row(row: &[f32], target: u32) -> (f32, RowStats) {
-    let (mut max, mut best, mut sum) = (f32::NEG_INFINITY, 0usize, 0f32);
-    for (i, &x) in row.iter().enumerate() {
-        if x > max {
-            max = x;
-            best = i;
-        }
-        sum += x;
-    }
-    let (mut z, mut zx) = (0f32, 0f32);
-    for &x in row {
-        let d = x - max;
-        let e = d.exp();
-        z += e;
-        zx += e * d;
-    }
+    let max = cpu::max(row);
+    let best = row.iter().position(|&x| x == max).unwrap_or(0);
+    let (z, zx) = sum_exp_shifted(row, max);
     let stats = RowStats {
         entropy: z.ln() - zx / z,
-        mean_logit: sum / row.len() as f32,
+        mean_logit: cpu::sum(row) / row.len() as f32,
         argmax_hit: best == target as usize,
     };
     (max + z.ln(), stats)

@@ -21,8 +21,9 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::fast_exp::exp_shifted_in_place;
 use super::gemm::{gemm_into_serial, Mat};
-use super::{data, dot, exp_or_zero, is_f32, sum};
+use super::{data, dot, is_f32};
 
 /// Whether the kernel takes these operands: all f32 (shapes are checked by [`attention`]).
 pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> bool {
@@ -183,10 +184,7 @@ impl CustomOp3 for Attention {
                         *x = self.scale * *x + m;
                         max = max.max(*x);
                     }
-                    for x in row.iter_mut() {
-                        *x = exp_or_zero(*x - max);
-                    }
-                    let total = sum(row);
+                    let total = exp_shifted_in_place(row, max);
                     for x in row.iter_mut() {
                         *x /= total;
                     }

@@ -21,6 +21,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::fast_exp::{scaled_exp_shifted, sum_exp_shifted};
+use super::max;
 use crate::kernels::row_stats::{stats_of_row, RowStats};
 use crate::kernels::HeadLogprobs;
 use crate::model::frozen_dtype::{is_half, upcast};
@@ -61,9 +63,8 @@ fn row_pass(row: &[f32], target: u32, want_stats: bool) -> (f32, Option<RowStats
         let (l, s) = stats_of_row(row, target);
         (l, Some(s))
     } else {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-        (max + sum.ln(), None)
+        let max = max(row);
+        (max + sum_exp_shifted(row, max).0.ln(), None)
     }
 }
 
@@ -222,9 +223,7 @@ impl CustomOp2 for LmHeadLogprob {
                     .enumerate()
                     .for_each(|(i, (out, row))| {
                         let (gi, l, t) = (g[r0 + i], self.lses[r0 + i], self.targets[r0 + i]);
-                        for (o, &x) in out.iter_mut().zip(row) {
-                            *o = -gi * (x - l).exp();
-                        }
+                        scaled_exp_shifted(out, row, l, -gi);
                         out[t as usize] += gi;
                     })
             })?;

@@ -8,6 +8,7 @@
 //! the thread count.
 
 pub mod attention;
+pub mod fast_exp;
 pub mod frozen_matmul;
 pub(crate) mod gemm;
 pub mod lm_head_logprob;
@@ -22,30 +23,13 @@ pub mod token_logprob;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Tensor};
+use multiversion::multiversion;
 
 /// Rows per rayon task for row-wise kernels, and rows per partial sum of a weight gradient
 /// (fixed so the summation order, hence the result, does not depend on scheduling).
 pub(crate) const ROWS_PER_TASK: usize = 32;
 /// Elements per rayon task for element-wise kernels.
 pub(crate) const ELEMS_PER_TASK: usize = 16 * 1024;
-
-/// `exp(z)` for a softmax term `z = x − max ≤ 0`, without glibc's slow path for underflow.
-///
-/// Masked scores (`ops::MASKED` = −1e30 added) underflow `expf`, which then goes through its
-/// error-reporting path (`__math_uflowf`, setting `errno`): ~3 % of a DPO step's time on the
-/// bench config, as half of every causal score matrix (and more with packed rows) is masked.
-/// Below −104, e^z < 2^−150, which `expf` rounds to exactly 0: the result is bit-identical.
-/// `black_box` keeps the branch: without it LLVM treats `exp` as free of side effects, calls
-/// it for every lane and selects afterwards, which is the slow path again (seen in the
-/// disassembly of the attention kernel).
-#[inline]
-pub fn exp_or_zero(z: f32) -> f32 {
-    if z < -104.0 {
-        0.0
-    } else {
-        std::hint::black_box(z).exp()
-    }
-}
 
 /// True when `t` is f32: the dtype the row-wise kernels (RMSNorm, softmax, RoPE, SwiGLU,
 /// attention, log-softmax + gather, log-sigmoid) are written for.
@@ -73,6 +57,9 @@ pub(crate) fn f32s<'a>(s: &'a CpuStorage, op: &str) -> candle_core::Result<&'a [
 }
 
 /// Σ a_i·b_i with 8 independent accumulators (vectorises; same spirit as candle's `vec_sum`).
+/// Compiled for AVX-512 and AVX2 too, picked at run time; the fixed lanes give every CPU the
+/// same result.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -90,6 +77,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Σ x with 8 independent accumulators.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
 pub(crate) fn sum(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);
@@ -102,20 +90,37 @@ pub(crate) fn sum(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// The largest element (−∞ for an empty slice), in 16 lanes: a row's softmax shift without a
+/// serial chain of comparisons. Exact, so the same as a sequential fold.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub(crate) fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for x in chunks {
+        for k in 0..16 {
+            acc[k] = acc[k].max(x[k]);
+        }
+    }
+    rest.iter()
+        .chain(&acc)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn exp_or_zero_is_bit_identical_to_expf() {
-        // Densely around the cut (e^z crosses 2^-150 near -103.97) and across the range.
-        let near = (0..200_000).map(|i| -110.0 + i as f32 * 1e-4);
-        let wide = (0..100_000).map(|i| -1e4 + i as f32 * 0.1);
-        for z in near
-            .chain(wide)
-            .chain([0.0, -0.5, -1e30, f32::MIN, f32::NEG_INFINITY])
-        {
-            assert_eq!(exp_or_zero(z).to_bits(), z.exp().to_bits(), "z = {z}");
-        }
+    fn lane_reductions_match_sequential_ones() {
+        let xs: Vec<f32> = (0..37).map(|i| ((i * 13) % 7) as f32 - 2.5).collect();
+        let ys: Vec<f32> = (0..37).map(|i| ((i * 5) % 11) as f32 * 0.25).collect();
+        let seq_dot: f64 = xs.iter().zip(&ys).map(|(&a, &b)| a as f64 * b as f64).sum();
+        assert!((dot(&xs, &ys) as f64 - seq_dot).abs() < 1e-5);
+        assert!((sum(&xs) as f64 - xs.iter().map(|&x| x as f64).sum::<f64>()).abs() < 1e-5);
+        assert_eq!(max(&xs), 3.5);
+        assert_eq!(max(&xs[..1]), -2.5);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
     }
 }

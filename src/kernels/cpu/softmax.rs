@@ -11,7 +11,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{data, dot, exp_or_zero, is_f32, sum, ROWS_PER_TASK};
+use super::fast_exp::exp_shifted_in_place;
+use super::{data, dot, is_f32, max, ROWS_PER_TASK};
 
 /// Whether the kernel takes `x`: f32.
 pub fn supports(x: &Tensor) -> bool {
@@ -38,11 +39,8 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(c))
             .with_min_len(ROWS_PER_TASK)
             .for_each(|(y, x)| {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = exp_or_zero(x - max);
-                }
-                let total = sum(y);
+                y.copy_from_slice(x);
+                let total = exp_shifted_in_place(y, max(x));
                 for y in y.iter_mut() {
                     *y /= total;
                 }

@@ -11,7 +11,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::is_f32;
+use super::fast_exp::{scaled_exp_shifted, sum_exp_shifted};
+use super::{is_f32, max};
 
 /// Whether the kernel takes `logits`: f32 (targets are u32).
 pub fn supports(logits: &Tensor) -> bool {
@@ -25,9 +26,8 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<
 }
 
 fn row_lse(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-    max + sum.ln()
+    let max = max(row);
+    max + sum_exp_shifted(row, max).0.ln()
 }
 
 fn cpu_slices<'a>(
@@ -130,9 +130,7 @@ impl CustomOp2 for TokenLogProbGrad {
             .for_each(|((g_row, row), p)| {
                 let (target, g, logp) = (p[0] as usize, p[1], p[2]);
                 let lse = row[target] - logp;
-                for (gi, &x) in g_row.iter_mut().zip(row) {
-                    *gi = -g * (x - lse).exp();
-                }
+                scaled_exp_shifted(g_row, row, lse, -g);
                 g_row[target] += g;
             });
         Ok((CpuStorage::F32(grad), Shape::from((n, v))))
