@@ -202,6 +202,45 @@ fn attention() {
     }
 }
 
+/// Additive mask (2, 1, 192, 192) with the shapes the fused kernel skips tiles of: row 0 packs
+/// a shared prompt [0, 64), a chosen [64, 128) and a rejected [128, 192) completion (each
+/// completion sees the prompt and itself, causally; src/data/pack.rs's layout); row 1 is
+/// causal over its first 100 positions and its last 92 queries see no key at all.
+fn multi_tile_mask() -> Tensor {
+    let (t, seg) = (192, 64);
+    let mut m = vec![MASKED; 2 * t * t];
+    for i in 0..t {
+        for j in 0..=i {
+            let same = i / seg == j / seg;
+            if same || j < seg {
+                m[i * t + j] = 0.0;
+            }
+            if i < 100 {
+                m[(t + i) * t + j] = 0.0;
+            }
+        }
+    }
+    Tensor::from_vec(m, (2, 1, t, t), &Device::Cpu).unwrap()
+}
+
+/// Longer rows than one tile (64): the kernel multiplies only the tiles some query sees, and
+/// must still give the dense result, blind (all-masked) queries included.
+#[test]
+fn attention_over_several_tiles() {
+    let (b, hq, hkv, t, d) = (2, 4, 2, 192, 8);
+    let mask = multi_tile_mask();
+    let q = var(&[b, hq, t, d], 1.0, 30);
+    let k = var(&[b, hkv, t, d], 1.0, 31);
+    let v = var(&[b, hkv, t, d], 1.0, 32);
+    let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+    check(
+        "attention over several tiles",
+        &[&q, &k, &v],
+        || cpu::attention::attention(qt, kt, vt, &mask, 0.35).unwrap(),
+        || composed::attention(qt, kt, vt, &mask, 0.35).unwrap(),
+    );
+}
+
 #[test]
 fn token_logprobs() {
     let logits = var(&[5, 11], 3.0, 17);

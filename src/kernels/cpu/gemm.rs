@@ -124,7 +124,15 @@ pub(super) fn gemm_into<T: Float>(
     } else {
         gemm::Parallelism::None
     };
-    gemm_with(dst, accumulate, beta, lhs, rhs, parallelism)
+    let n = rhs.cols;
+    if dst.len() != lhs.rows * n {
+        candle_core::bail!(
+            "gemm: ({}, {n}) product into {} elements",
+            lhs.rows,
+            dst.len()
+        )
+    }
+    gemm_with(dst, n, accumulate, beta, lhs, rhs, parallelism)
 }
 
 /// As [`gemm_into`] on the calling thread only (for kernels that parallelise over blocks).
@@ -135,11 +143,41 @@ pub(super) fn gemm_into_serial<T: Float>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) -> candle_core::Result<()> {
-    gemm_with(dst, accumulate, beta, lhs, rhs, gemm::Parallelism::None)
+    let n = rhs.cols;
+    if dst.len() != lhs.rows * n {
+        candle_core::bail!(
+            "gemm: ({}, {n}) product into {} elements",
+            lhs.rows,
+            dst.len()
+        )
+    }
+    gemm_with(dst, n, accumulate, beta, lhs, rhs, gemm::Parallelism::None)
+}
+
+/// As [`gemm_into_serial`] into the (m, n) block of a wider row-major matrix: row i of the
+/// product goes to `dst[i·dst_stride ..][..n]` (a tile of attention's score matrix).
+pub(super) fn gemm_into_tile<T: Float>(
+    dst: &mut [T],
+    dst_stride: usize,
+    accumulate: bool,
+    beta: f64,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) -> candle_core::Result<()> {
+    gemm_with(
+        dst,
+        dst_stride,
+        accumulate,
+        beta,
+        lhs,
+        rhs,
+        gemm::Parallelism::None,
+    )
 }
 
 fn gemm_with<T: Float>(
     dst: &mut [T],
+    dst_stride: usize,
     accumulate: bool,
     beta: f64,
     lhs: Mat<T>,
@@ -147,21 +185,26 @@ fn gemm_with<T: Float>(
     parallelism: gemm::Parallelism,
 ) -> candle_core::Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n || !lhs.in_bounds() || !rhs.in_bounds() {
+    let dst_fits = m == 0 || n == 0 || (dst_stride >= n && (m - 1) * dst_stride + n <= dst.len());
+    if rhs.rows != k || !dst_fits || !lhs.in_bounds() || !rhs.in_bounds() {
         candle_core::bail!(
-            "gemm: shapes ({m}, {k}) · ({}, {n}) into {} elements, or a view past its slice",
+            "gemm: shapes ({m}, {k}) · ({}, {n}) into {} elements with row stride \
+             {dst_stride}, or a view past its slice",
             rhs.rows,
             dst.len()
         )
     }
     if m == 0 || n == 0 || k == 0 {
         if !accumulate {
-            dst.fill(T::ZERO);
+            for row in dst.chunks_mut(dst_stride.max(1)).take(m) {
+                row[..n].fill(T::ZERO);
+            }
         }
         return Ok(());
     }
-    // SAFETY: every index gemm touches is inside its slice: dst is exactly m·n dense, and the
-    // last element of each of lhs and rhs was checked in bounds above.
+    // SAFETY: every index gemm touches is inside its slice: dst's last element
+    // ((m−1)·dst_stride + n − 1) and the last element of each of lhs and rhs were checked in
+    // bounds above, and dst_stride ≥ n keeps rows from overlapping.
     unsafe {
         gemm::gemm(
             m,
@@ -169,7 +212,7 @@ fn gemm_with<T: Float>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_stride as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs as isize,
