@@ -110,7 +110,13 @@ impl<T> Mat<'_, T> {
     }
 }
 
-/// dst (m, n) row-major ← (dst if `accumulate`) + beta·lhs·rhs, on candle's thread count.
+/// A product with a side this small (a LoRA rank) runs on the calling thread: split across
+/// threads, gemm's hand-offs cost more than the work (768×576×16 on this project's 2-core
+/// machine: 0.39 ms on 2 threads, 0.17 ms on one; BENCHMARKS.md).
+const THIN_SIDE: usize = 32;
+
+/// dst (m, n) row-major ← (dst if `accumulate`) + beta·lhs·rhs, on candle's thread count
+/// (one thread for a thin product).
 pub(super) fn gemm_into<T: Float>(
     dst: &mut [T],
     accumulate: bool,
@@ -119,7 +125,8 @@ pub(super) fn gemm_into<T: Float>(
     rhs: Mat<T>,
 ) -> candle_core::Result<()> {
     let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
+    let thin = lhs.rows.min(lhs.cols).min(rhs.cols) <= THIN_SIDE;
+    let parallelism = if threads > 1 && !thin {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
