@@ -131,15 +131,7 @@ pub(super) fn gemm_into<T: Float>(
     } else {
         gemm::Parallelism::None
     };
-    let n = rhs.cols;
-    if dst.len() != lhs.rows * n {
-        candle_core::bail!(
-            "gemm: ({}, {n}) product into {} elements",
-            lhs.rows,
-            dst.len()
-        )
-    }
-    gemm_with(dst, n, accumulate, beta, lhs, rhs, parallelism)
+    gemm_dense(dst, accumulate, beta, lhs, rhs, parallelism)
 }
 
 /// As [`gemm_into`] on the calling thread only (for kernels that parallelise over blocks).
@@ -150,6 +142,18 @@ pub(super) fn gemm_into_serial<T: Float>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) -> candle_core::Result<()> {
+    gemm_dense(dst, accumulate, beta, lhs, rhs, gemm::Parallelism::None)
+}
+
+/// The product into a dense dst of exactly (m, n).
+fn gemm_dense<T: Float>(
+    dst: &mut [T],
+    accumulate: bool,
+    beta: f64,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    parallelism: gemm::Parallelism,
+) -> candle_core::Result<()> {
     let n = rhs.cols;
     if dst.len() != lhs.rows * n {
         candle_core::bail!(
@@ -158,7 +162,7 @@ pub(super) fn gemm_into_serial<T: Float>(
             dst.len()
         )
     }
-    gemm_with(dst, n, accumulate, beta, lhs, rhs, gemm::Parallelism::None)
+    gemm_with(dst, n, accumulate, beta, lhs, rhs, parallelism)
 }
 
 /// As [`gemm_into_serial`] into the (m, n) block of a wider row-major matrix: row i of the
