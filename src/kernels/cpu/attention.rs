@@ -33,12 +33,14 @@ use rayon::prelude::*;
 use super::fast_exp::exp_shifted_in_place;
 use super::gemm::{gemm_into_serial, gemm_into_tile, Mat};
 use super::{data, dot, is_f32, max};
+use crate::model::ops::MASKED;
 
 /// Queries and keys per tile of the score matrix (see the module comment).
 const TILE: usize = 64;
 
-/// Mask values at or below this hide the key (`ops::MASKED` is −10³⁰; −∞ too).
-const HIDDEN_AT: f32 = -1e29;
+/// Mask values at or below this hide the key (`MASKED` itself, −∞ too): e^(score + mask − max)
+/// is then exactly 0 for any finite score.
+const HIDDEN_AT: f32 = MASKED / 10.0;
 
 /// Per batch row, per tile of [`TILE`] queries: the runs of keys [k0, k1) to compute, made of
 /// whole key tiles in which some query of the tile sees some key. A tile holding a query that

@@ -116,6 +116,12 @@ pub fn sum_exp_shifted(xs: &[f32], shift: f32) -> (f32, f32) {
     (total(z) + rz, total(zx) + rzx)
 }
 
+/// ln Σ e^x over a row, shifted by its max (a log-softmax normaliser).
+pub fn log_sum_exp(xs: &[f32]) -> f32 {
+    let max = super::max(xs);
+    max + sum_exp_shifted(xs, max).0.ln()
+}
+
 /// out[i] = scale · e^(xs[i] − shift) (a softmax row times an upstream gradient).
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
 pub fn scaled_exp_shifted(out: &mut [f32], xs: &[f32], shift: f32, scale: f32) {

@@ -131,7 +131,8 @@ pub(super) fn gemm_into<T: Float>(
     } else {
         gemm::Parallelism::None
     };
-    gemm_dense(dst, accumulate, beta, lhs, rhs, parallelism)
+    let stride = dense_stride(dst, lhs, rhs)?;
+    gemm_with(dst, stride, accumulate, beta, lhs, rhs, parallelism)
 }
 
 /// As [`gemm_into`] on the calling thread only (for kernels that parallelise over blocks).
@@ -142,27 +143,8 @@ pub(super) fn gemm_into_serial<T: Float>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) -> candle_core::Result<()> {
-    gemm_dense(dst, accumulate, beta, lhs, rhs, gemm::Parallelism::None)
-}
-
-/// The product into a dense dst of exactly (m, n).
-fn gemm_dense<T: Float>(
-    dst: &mut [T],
-    accumulate: bool,
-    beta: f64,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
-    parallelism: gemm::Parallelism,
-) -> candle_core::Result<()> {
-    let n = rhs.cols;
-    if dst.len() != lhs.rows * n {
-        candle_core::bail!(
-            "gemm: ({}, {n}) product into {} elements",
-            lhs.rows,
-            dst.len()
-        )
-    }
-    gemm_with(dst, n, accumulate, beta, lhs, rhs, parallelism)
+    let stride = dense_stride(dst, lhs, rhs)?;
+    gemm_into_tile(dst, stride, accumulate, beta, lhs, rhs)
 }
 
 /// As [`gemm_into_serial`] into the (m, n) block of a wider row-major matrix: row i of the
@@ -175,15 +157,17 @@ pub(super) fn gemm_into_tile<T: Float>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) -> candle_core::Result<()> {
-    gemm_with(
-        dst,
-        dst_stride,
-        accumulate,
-        beta,
-        lhs,
-        rhs,
-        gemm::Parallelism::None,
-    )
+    let serial = gemm::Parallelism::None;
+    gemm_with(dst, dst_stride, accumulate, beta, lhs, rhs, serial)
+}
+
+/// The row stride of a dense (m, n) destination, which must be exactly m·n long.
+fn dense_stride<T: Float>(dst: &[T], lhs: Mat<T>, rhs: Mat<T>) -> candle_core::Result<usize> {
+    let (m, n) = (lhs.rows, rhs.cols);
+    if dst.len() != m * n {
+        candle_core::bail!("gemm: ({m}, {n}) product into {} elements", dst.len())
+    }
+    Ok(n)
 }
 
 fn gemm_with<T: Float>(

@@ -21,8 +21,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fast_exp::{scaled_exp_shifted, sum_exp_shifted};
-use super::max;
+use super::fast_exp::{log_sum_exp, scaled_exp_shifted};
 use crate::kernels::row_stats::{stats_of_row, RowStats};
 use crate::kernels::HeadLogprobs;
 use crate::model::frozen_dtype::{is_half, upcast};
@@ -63,8 +62,7 @@ fn row_pass(row: &[f32], target: u32, want_stats: bool) -> (f32, Option<RowStats
         let (l, s) = stats_of_row(row, target);
         (l, Some(s))
     } else {
-        let max = max(row);
-        (max + sum_exp_shifted(row, max).0.ln(), None)
+        (log_sum_exp(row), None)
     }
 }
 

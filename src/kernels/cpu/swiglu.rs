@@ -47,16 +47,11 @@ fn forward_chunk(y: &mut [f32], a: &[f32], u: &[f32]) {
 /// d gate and d up of y = silu(a) · u for upstream g, over one task's elements.
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
 fn backward_chunk(da: &mut [f32], du: &mut [f32], a: &[f32], u: &[f32], g: &[f32]) {
-    for i in 0..a
-        .len()
-        .min(u.len())
-        .min(g.len())
-        .min(da.len())
-        .min(du.len())
-    {
-        let (s, silu) = sigmoid_silu(a[i]);
-        da[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
-        du[i] = g[i] * silu;
+    let grads = da.iter_mut().zip(du.iter_mut());
+    for ((da, du), ((&a, &u), &g)) in grads.zip(a.iter().zip(u).zip(g)) {
+        let (s, silu) = sigmoid_silu(a);
+        *da = g * u * s * (1.0 + a * (1.0 - s));
+        *du = g * silu;
     }
 }
 

@@ -11,8 +11,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fast_exp::{scaled_exp_shifted, sum_exp_shifted};
-use super::{is_f32, max};
+use super::fast_exp::{log_sum_exp, scaled_exp_shifted};
+use super::is_f32;
 
 /// Whether the kernel takes `logits`: f32 (targets are u32).
 pub fn supports(logits: &Tensor) -> bool {
@@ -23,11 +23,6 @@ pub fn supports(logits: &Tensor) -> bool {
 /// `logits` must pass [`supports`].
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     logits.contiguous()?.apply_op2(targets, TokenLogProb)
-}
-
-fn row_lse(row: &[f32]) -> f32 {
-    let max = max(row);
-    max + sum_exp_shifted(row, max).0.ln()
 }
 
 fn cpu_slices<'a>(
@@ -72,7 +67,7 @@ impl CustomOp2 for TokenLogProb {
         let out: Vec<f32> = logits
             .par_chunks(v)
             .zip(targets.par_iter())
-            .map(|(row, &t)| row[t as usize] - row_lse(row))
+            .map(|(row, &t)| row[t as usize] - log_sum_exp(row))
             .collect();
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
