@@ -8,6 +8,8 @@
 //! - models.rs: whole models (Llama, Qwen2, GPT-2, Gemma 3, Phi-3 fixtures) with the composed
 //!   path forced: log-probs and the gradients of one DPO step (full and LoRA) equal the
 //!   default path's, and gradient checkpointing stays exact on the composed path.
+//! - gemm_bands.rs: the vendored candle-core's matrix product shared among threads by
+//!   column bands (LEASH-PATCH.md) against the product computed by hand.
 //! - trap.rs: the vendored candle-core backward patch hands an op a contiguous gradient even
 //!   when its first contribution is a strided view (vendor/candle-core/LEASH-PATCH.md).
 //!
@@ -18,6 +20,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod dispatch;
+mod gemm_bands;
 mod models;
 mod ops;
 mod trap;

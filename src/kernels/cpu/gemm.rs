@@ -1,6 +1,7 @@
 //! Matrix products on CPU slices through the `gemm` crate (the kernels candle's own matmul
-//! uses), for the fused ops that multiply inside one graph node: strided views, f32 and f64,
-//! bounds checked before the one `unsafe` call.
+//! uses, shared among threads by candle's patched `gemm_threaded`), for the fused ops that
+//! multiply inside one graph node: strided views, f32 and f64, bounds checked before the one
+//! `unsafe` call.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout};
@@ -124,15 +125,14 @@ pub(super) fn gemm_into<T: Float>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) -> candle_core::Result<()> {
-    let threads = candle_core::utils::get_num_threads();
     let thin = lhs.rows.min(lhs.cols).min(rhs.cols) <= THIN_SIDE;
-    let parallelism = if threads > 1 && !thin {
-        gemm::Parallelism::Rayon(threads)
+    let threads = if thin {
+        1
     } else {
-        gemm::Parallelism::None
+        candle_core::utils::get_num_threads()
     };
     let stride = dense_stride(dst, lhs, rhs)?;
-    gemm_with(dst, stride, accumulate, beta, lhs, rhs, parallelism)
+    gemm_with(dst, stride, accumulate, beta, lhs, rhs, threads)
 }
 
 /// As [`gemm_into`] on the calling thread only (for kernels that parallelise over blocks).
@@ -157,8 +157,7 @@ pub(super) fn gemm_into_tile<T: Float>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) -> candle_core::Result<()> {
-    let serial = gemm::Parallelism::None;
-    gemm_with(dst, dst_stride, accumulate, beta, lhs, rhs, serial)
+    gemm_with(dst, dst_stride, accumulate, beta, lhs, rhs, 1)
 }
 
 /// The row stride of a dense (m, n) destination, which must be exactly m·n long.
@@ -177,7 +176,7 @@ fn gemm_with<T: Float>(
     beta: f64,
     lhs: Mat<T>,
     rhs: Mat<T>,
-    parallelism: gemm::Parallelism,
+    threads: usize,
 ) -> candle_core::Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     let dst_fits = m == 0 || n == 0 || (dst_stride >= n && (m - 1) * dst_stride + n <= dst.len());
@@ -201,7 +200,7 @@ fn gemm_with<T: Float>(
     // ((m−1)·dst_stride + n − 1) and the last element of each of lhs and rhs were checked in
     // bounds above, and dst_stride ≥ n keeps rows from overlapping.
     unsafe {
-        gemm::gemm(
+        candle_core::cpu_backend::gemm_threaded(
             m,
             n,
             k,
@@ -217,10 +216,7 @@ fn gemm_with<T: Float>(
             rhs.rs as isize,
             T::of(1.0),
             T::of(beta),
-            false,
-            false,
-            false,
-            parallelism,
+            threads,
         );
     }
     Ok(())

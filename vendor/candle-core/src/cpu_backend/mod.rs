@@ -6,7 +6,9 @@ use float8::F8E4M3;
 use half::{bf16, f16, slice::HalfFloatSliceExt, vec::HalfFloatVecExt};
 use rayon::prelude::*;
 
+mod gemm_split;
 mod utils;
+pub use gemm_split::gemm_threaded;
 pub use utils::{
     binary_map, binary_map_vec, binary_map_vec_par, unary_map, unary_map_vec, unary_map_vec_par,
     Map1, Map1Any, Map2, Map2InPlace, Map2U8,
@@ -1450,8 +1452,6 @@ impl Map2 for MatMul {
         rhs: &[T],
         rhs_l: &Layout,
     ) -> Result<Vec<T>> {
-        use gemm::{gemm, Parallelism};
-
         match T::DTYPE {
             DType::F16 | DType::F32 | DType::F64 => {}
             _ => Err(Error::UnsupportedDTypeForOp(T::DTYPE, "matmul").bt())?,
@@ -1480,11 +1480,6 @@ impl Map2 for MatMul {
 
         let mut dst = vec![T::zero(); b * m * n];
         let num_threads = crate::utils::get_num_threads();
-        let parallelism = if num_threads > 1 {
-            Parallelism::Rayon(num_threads)
-        } else {
-            Parallelism::None
-        };
         let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
             // A batch-invariant rhs lets the batches of lhs stack into the rows of a single
             // (b * m, k) matrix, which the destination already matches row for row.
@@ -1503,8 +1498,9 @@ impl Map2 for MatMul {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
             let dst_p = &mut dst[step * c_skip..];
+            // leash patch: bands of output columns per thread (gemm_split.rs).
             unsafe {
-                gemm(
+                gemm_threaded(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
@@ -1520,10 +1516,7 @@ impl Map2 for MatMul {
                     /* rhs_rs: isize = */ rhs_rs as isize,
                     /* alpha: T = */ T::zero(),
                     /* beta: T = */ T::one(),
-                    /* conj_dst: bool = */ false,
-                    /* conj_lhs: bool = */ false,
-                    /* conj_rhs: bool = */ false,
-                    parallelism,
+                    num_threads,
                 )
             }
         }

@@ -1,0 +1,92 @@
+//! The vendored candle-core's `gemm_threaded` (vendor/candle-core/LEASH-PATCH.md, third
+//! change): a product shared among threads by bands of output columns equals the product
+//! computed by hand in f64, for band counts that do and do not divide the columns, strided
+//! (transposed) operands, an accumulating destination, and the fallbacks (a small product on
+//! one thread; bands too narrow, handed to gemm's own threading). Called with explicit thread
+//! counts so every branch runs whatever the machine's core count.
+
+use candle_core::cpu_backend::gemm_threaded;
+
+/// Seeded values in [−1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// One case: (m, k) lhs stored transposed or not, (k, n) rhs stored transposed or not, dst
+/// (m, n) row-major, `dst ← alpha·dst + beta·lhs·rhs` when `read_dst`, else `beta·lhs·rhs`.
+fn check(m: usize, n: usize, k: usize, lhs_t: bool, rhs_t: bool, read_dst: bool, threads: usize) {
+    let (lhs, rhs, start) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+    // Element (i, p) of lhs at i·lrs + p·lcs; (p, j) of rhs at p·rrs + j·rcs.
+    let (lrs, lcs) = if lhs_t { (1, m) } else { (k, 1) };
+    let (rrs, rcs) = if rhs_t { (1, k) } else { (n, 1) };
+    let (alpha, beta) = (0.5f32, 2.0f32);
+    let mut want = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k)
+                .map(|p| lhs[i * lrs + p * lcs] as f64 * rhs[p * rrs + j * rcs] as f64)
+                .sum();
+            let keep = if read_dst {
+                alpha as f64 * start[i * n + j] as f64
+            } else {
+                0.0
+            };
+            want[i * n + j] = keep + beta as f64 * dot;
+        }
+    }
+    let mut dst = start.clone();
+    // SAFETY: the strides address exactly the (m, k), (k, n) and (m, n) buffers above.
+    unsafe {
+        gemm_threaded(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            read_dst,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            alpha,
+            beta,
+            threads,
+        )
+    };
+    let worst = dst
+        .iter()
+        .zip(&want)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .fold(0.0, f64::max);
+    // f32 sums of k terms of size ≤ 2 (beta · |a·b| ≤ 2).
+    let tol = 4.0 * k as f64 * f32::EPSILON as f64;
+    assert!(
+        worst <= tol,
+        "({m}, {k})·({k}, {n}), lhs_t {lhs_t}, rhs_t {rhs_t}, read_dst {read_dst}, \
+         {threads} threads: off by {worst:e} (tolerance {tol:e})"
+    );
+}
+
+#[test]
+fn column_bands_equal_the_product() {
+    // 300 columns: 2 threads → bands of 160 + 140, 3 → 112 + 112 + 76 (last band short).
+    for threads in [2, 3] {
+        for (lhs_t, rhs_t) in [(false, false), (false, true), (true, false), (true, true)] {
+            for read_dst in [false, true] {
+                check(40, 300, 200, lhs_t, rhs_t, read_dst, threads);
+            }
+        }
+    }
+}
+
+#[test]
+fn fallbacks_equal_the_product() {
+    check(8, 20, 12, false, true, true, 2); // small: one thread
+    check(300, 100, 120, false, true, false, 4); // bands of 32 < 64: gemm's own threading
+    check(40, 300, 200, true, false, true, 1); // one thread asked for
+}
