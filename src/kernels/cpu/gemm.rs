@@ -111,13 +111,8 @@ impl<T> Mat<'_, T> {
     }
 }
 
-/// A product with a side this small (a LoRA rank) runs on the calling thread: split across
-/// threads, gemm's hand-offs cost more than the work (768×576×16 on this project's 2-core
-/// machine: 0.39 ms on 2 threads, 0.17 ms on one; BENCHMARKS.md).
-const THIN_SIDE: usize = 32;
-
 /// dst (m, n) row-major ← (dst if `accumulate`) + beta·lhs·rhs, on candle's thread count
-/// (one thread for a thin product).
+/// (in bands of output columns or rows, see candle-core's `gemm_threaded`).
 pub(super) fn gemm_into<T: Float>(
     dst: &mut [T],
     accumulate: bool,
@@ -125,12 +120,7 @@ pub(super) fn gemm_into<T: Float>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) -> candle_core::Result<()> {
-    let thin = lhs.rows.min(lhs.cols).min(rhs.cols) <= THIN_SIDE;
-    let threads = if thin {
-        1
-    } else {
-        candle_core::utils::get_num_threads()
-    };
+    let threads = candle_core::utils::get_num_threads();
     let stride = dense_stride(dst, lhs, rhs)?;
     gemm_with(dst, stride, accumulate, beta, lhs, rhs, threads)
 }

@@ -12,15 +12,15 @@
 
 use gemm::Parallelism;
 
-/// Columns below which a band is not worth a thread of its own.
+/// Columns (or rows) below which a band is not worth a thread of its own.
 const MIN_BAND: usize = 64;
 
 /// Products below this many multiply-adds (m·n·k) run on the calling thread: handing them
 /// out costs more than they take.
 const MIN_THREADED_WORK: usize = 1 << 21;
 
-/// Column bands are multiples of this (gemm's widest f32 register tile), so each band ends on
-/// a whole tile.
+/// Bands are multiples of this (gemm's widest f32 register tile), so each ends on a whole
+/// tile.
 const BAND_ALIGN: usize = 16;
 
 /// A raw pointer handed to the worker threads; every thread writes a disjoint column band.
@@ -52,7 +52,8 @@ impl<T> SendConst<T> {
 
 /// `gemm::gemm` with the same arguments (strides in elements, column stride first), on up to
 /// `threads` threads: bands of output columns when each band has at least [`MIN_BAND`]
-/// columns, otherwise gemm's own threading; one thread for a small product.
+/// columns, else bands of output rows when each has that many rows (a LoRA product's rank-wide
+/// output), else gemm's own threading; one thread for a small product.
 ///
 /// # Safety
 /// As `gemm::gemm`: every element the strides address for an (m, k) lhs, a (k, n) rhs and an
@@ -76,35 +77,19 @@ pub unsafe fn gemm_threaded<T: 'static + Copy + Send + Sync>(
     beta: T,
     threads: usize,
 ) {
-    let serial = threads <= 1 || m.saturating_mul(n).saturating_mul(k) < MIN_THREADED_WORK;
-    let band = n.div_ceil(threads.max(1)).div_ceil(BAND_ALIGN) * BAND_ALIGN;
-    let one = |m, n, dst, rhs, parallelism| {
-        gemm::gemm(
-            m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
-            alpha, beta, false, false, false, parallelism,
-        )
-    };
-    if serial {
-        return one(m, n, dst, rhs, Parallelism::None);
-    }
-    if band < MIN_BAND {
-        return one(m, n, dst, rhs, Parallelism::Rayon(threads));
-    }
-    use rayon::prelude::*;
     let (dst, lhs, rhs) = (SendPtr(dst), SendConst(lhs), SendConst(rhs));
-    (0..n.div_ceil(band)).into_par_iter().for_each(|b| {
-        let j0 = b * band;
-        let width = band.min(n - j0);
-        // Columns j0 .. j0 + width of dst and rhs: inside the caller's (m, n) and (k, n).
+    // Output rows r0 .. r0 + rows and columns j0 .. j0 + cols on this thread: inside the
+    // caller's (m, n) dst, (m, k) lhs and (k, n) rhs; bands below never overlap.
+    let part = |r0: usize, rows: usize, j0: usize, cols: usize, parallelism| {
         gemm::gemm(
-            m,
-            width,
+            rows,
+            cols,
             k,
-            dst.get().offset(j0 as isize * dst_cs),
+            dst.get().offset(r0 as isize * dst_rs + j0 as isize * dst_cs),
             dst_cs,
             dst_rs,
             read_dst,
-            lhs.get(),
+            lhs.get().offset(r0 as isize * lhs_rs),
             lhs_cs,
             lhs_rs,
             rhs.get().offset(j0 as isize * rhs_cs),
@@ -115,7 +100,28 @@ pub unsafe fn gemm_threaded<T: 'static + Copy + Send + Sync>(
             false,
             false,
             false,
-            Parallelism::None,
+            parallelism,
         )
+    };
+    if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < MIN_THREADED_WORK {
+        return part(0, m, 0, n, Parallelism::None);
+    }
+    let band_of = |len: usize| len.div_ceil(threads).div_ceil(BAND_ALIGN) * BAND_ALIGN;
+    let (col_band, row_band) = (band_of(n), band_of(m));
+    let (by_columns, band, len) = if col_band >= MIN_BAND {
+        (true, col_band, n)
+    } else if row_band >= MIN_BAND {
+        (false, row_band, m)
+    } else {
+        return part(0, m, 0, n, Parallelism::Rayon(threads));
+    };
+    use rayon::prelude::*;
+    (0..len.div_ceil(band)).into_par_iter().for_each(|i| {
+        let (start, width) = (i * band, band.min(len - i * band));
+        if by_columns {
+            part(0, m, start, width, Parallelism::None)
+        } else {
+            part(start, width, 0, n, Parallelism::None)
+        }
     });
 }
