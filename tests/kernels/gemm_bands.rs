@@ -73,15 +73,20 @@ fn check(m: usize, n: usize, k: usize, lhs_t: bool, rhs_t: bool, read_dst: bool,
     );
 }
 
+/// `check` with every operand layout and with and without an accumulating destination.
+fn check_every_layout(m: usize, n: usize, k: usize, threads: usize) {
+    for (lhs_t, rhs_t) in [(false, false), (false, true), (true, false), (true, true)] {
+        for read_dst in [false, true] {
+            check(m, n, k, lhs_t, rhs_t, read_dst, threads);
+        }
+    }
+}
+
 #[test]
 fn column_bands_equal_the_product() {
     // 300 columns: 2 threads → bands of 160 + 140, 3 → 112 + 112 + 76 (last band short).
     for threads in [2, 3] {
-        for (lhs_t, rhs_t) in [(false, false), (false, true), (true, false), (true, true)] {
-            for read_dst in [false, true] {
-                check(40, 300, 200, lhs_t, rhs_t, read_dst, threads);
-            }
-        }
+        check_every_layout(40, 300, 200, threads);
     }
 }
 
@@ -89,11 +94,7 @@ fn column_bands_equal_the_product() {
 fn row_bands_equal_the_product() {
     // 16 columns (a LoRA rank): 2 threads → bands of 208 + 192 rows, 3 → 144 + 144 + 112.
     for threads in [2, 3] {
-        for (lhs_t, rhs_t) in [(false, false), (false, true), (true, false), (true, true)] {
-            for read_dst in [false, true] {
-                check(400, 16, 400, lhs_t, rhs_t, read_dst, threads);
-            }
-        }
+        check_every_layout(400, 16, 400, threads);
     }
 }
 
