@@ -1,10 +1,10 @@
 //! The vendored candle-core's `gemm_threaded` (vendor/candle-core/LEASH-PATCH.md, third
-//! change): a product shared among threads by bands of output columns, or of output rows when
-//! the columns are few (a LoRA rank), equals the product computed by hand in f64, for band
-//! counts that do and do not divide the columns, strided (transposed) operands, an
-//! accumulating destination, and the fallbacks (a small product on one thread; bands too
-//! narrow either way, handed to gemm's own threading). Called with explicit thread
-//! counts so every branch runs whatever the machine's core count.
+//! change): a product shared among threads by bands of output columns (n ≥ m) or of output
+//! rows (a LoRA rank-wide output) equals the product computed by hand in f64, for band counts
+//! that do and do not divide the side, strided (transposed) operands, an accumulating
+//! destination, and the fallbacks (a small product on one thread; bands too narrow, handed to
+//! gemm's own threading). Called with explicit thread counts so every branch runs whatever the
+//! machine's core count.
 
 use candle_core::cpu_backend::gemm_threaded;
 
@@ -101,6 +101,6 @@ fn row_bands_equal_the_product() {
 #[test]
 fn fallbacks_equal_the_product() {
     check(8, 20, 12, false, true, true, 2); // small: one thread
-    check(300, 100, 120, false, true, false, 8); // bands of 16 columns or 48 rows: gemm's own
+    check(300, 100, 120, false, true, false, 8); // row bands of 48 < 64: gemm's own threading
     check(40, 300, 200, true, false, true, 1); // one thread asked for
 }

@@ -1,14 +1,16 @@
-//! leash patch: a matrix product shared among threads by output columns.
+//! leash patch: a matrix product shared among threads by bands of output columns or rows.
 //!
 //! `gemm`'s own `Parallelism::Rayon` splits the inner loops of one product and meets at a
 //! barrier for every packed block; at the sizes of a small model's layers (a few hundred
 //! rows) two threads often do little better than one (64 × 576 × 576: 77 GFLOP/s on two
-//! threads, 78 on one). Giving each thread its own band of output columns, computed start to
+//! threads, 78 on one). Giving each thread its own band of the output, computed start to
 //! finish as a serial product, has no barrier: measured on a 2-core AVX-512 server
 //! (LEASH-PATCH.md), 512 × 576 × 576 went 155 → 193 GFLOP/s and the lm_head's
-//! 85 × 576 × 49,152 input gradient 138 → 212 (medians). Where the bands would be narrower
-//! than [`MIN_BAND`] columns (many threads, few columns), `gemm`'s own threading is used as
-//! before.
+//! 85 × 576 × 49,152 input gradient 138 → 212 (medians). The longer side of the output is the
+//! one split, since every thread packs the other operand whole: 4,096 × 256 × 3,072 (the bench
+//! config's lm_head weight gradient) ran at 122 GFLOP/s in column bands and 205 in row bands.
+//! Where the bands would be narrower than [`MIN_BAND`] (many threads, a small output), `gemm`'s
+//! own threading is used as before.
 
 use gemm::Parallelism;
 
@@ -23,10 +25,10 @@ const MIN_THREADED_WORK: usize = 1 << 21;
 /// tile.
 const BAND_ALIGN: usize = 16;
 
-/// A raw pointer handed to the worker threads; every thread writes a disjoint column band.
+/// A raw pointer handed to the worker threads; every thread writes a disjoint band.
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
-// SAFETY: the pointer is only dereferenced by `gemm` inside one band's columns, and bands
+// SAFETY: the pointer is only dereferenced by `gemm` inside one band of the output, and bands
 // never overlap (see `gemm_threaded`).
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
@@ -51,9 +53,8 @@ impl<T> SendConst<T> {
 }
 
 /// `gemm::gemm` with the same arguments (strides in elements, column stride first), on up to
-/// `threads` threads: bands of output columns when each band has at least [`MIN_BAND`]
-/// columns, else bands of output rows when each has that many rows (a LoRA product's rank-wide
-/// output), else gemm's own threading; one thread for a small product.
+/// `threads` threads: bands of output columns if n ≥ m, else of output rows, when each band has
+/// at least [`MIN_BAND`] of them (else gemm's own threading); one thread for a small product.
 ///
 /// # Safety
 /// As `gemm::gemm`: every element the strides address for an (m, k) lhs, a (k, n) rhs and an
@@ -106,15 +107,13 @@ pub unsafe fn gemm_threaded<T: 'static + Copy + Send + Sync>(
     if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < MIN_THREADED_WORK {
         return part(0, m, 0, n, Parallelism::None);
     }
-    let band_of = |len: usize| len.div_ceil(threads).div_ceil(BAND_ALIGN) * BAND_ALIGN;
-    let (col_band, row_band) = (band_of(n), band_of(m));
-    let (by_columns, band, len) = if col_band >= MIN_BAND {
-        (true, col_band, n)
-    } else if row_band >= MIN_BAND {
-        (false, row_band, m)
-    } else {
+    // Each thread packs the operand it shares whole: all of lhs (m × k) in a column band, all
+    // of rhs (k × n) in a row band. So the longer side is split, copying the smaller operand.
+    let (by_columns, len) = (m <= n, m.max(n));
+    let band = len.div_ceil(threads).div_ceil(BAND_ALIGN) * BAND_ALIGN;
+    if band < MIN_BAND {
         return part(0, m, 0, n, Parallelism::Rayon(threads));
-    };
+    }
     use rayon::prelude::*;
     (0..len.div_ceil(band)).into_par_iter().for_each(|i| {
         let (start, width) = (i * band, band.min(len - i * band));
