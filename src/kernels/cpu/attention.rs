@@ -125,16 +125,15 @@ impl Packed {
 
     /// The block of every (batch, head), in order, as disjoint mutable slices of `buf`.
     fn blocks<'a>(&self, buf: &'a mut [f32], heads: usize) -> Vec<&'a mut [f32]> {
-        let mut out = Vec::with_capacity(self.per_head.len() * heads);
         let mut rest = buf;
-        for &len in &self.per_head {
-            for _ in 0..heads {
-                let (block, tail) = std::mem::take(&mut rest).split_at_mut(len);
-                out.push(block);
+        self.block_ranges(heads)
+            .into_iter()
+            .map(|range| {
+                let (block, tail) = std::mem::take(&mut rest).split_at_mut(range.len());
                 rest = tail;
-            }
-        }
-        out
+                block
+            })
+            .collect()
     }
 
     fn len(&self, heads: usize) -> usize {
