@@ -219,7 +219,7 @@ pub fn attention(
             mask: mask.contiguous()?,
             scale: scale as f32,
             dims,
-            probs: Mutex::new(None),
+            saved: Mutex::new(None),
         },
     )
 }
@@ -238,8 +238,16 @@ struct Attention {
     mask: Tensor,
     scale: f32,
     dims: Dims,
-    /// P of the last forward, packed ([`Packed`]), kept for the backward.
-    probs: Mutex<Option<Vec<f32>>>,
+    /// What the last forward keeps for the backward.
+    saved: Mutex<Option<Saved>>,
+}
+
+/// The forward's probabilities, packed, with the key spans and layout they were packed by
+/// (so the backward reads neither the mask nor computes them again).
+struct Saved {
+    probs: Vec<f32>,
+    spans: Vec<Vec<Vec<(usize, usize)>>>,
+    packed: Packed,
 }
 
 fn f32_slice<'a>(storage: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -302,7 +310,7 @@ impl CustomOp3 for Attention {
                     // S = Q·Kᵀ on the spans, side by side in the packed tile.
                     for (col, k0, k1) in packed_spans(spans) {
                         let k_span = Mat::dense(&kb[k0 * d..k1 * d], k1 - k0, d).t();
-                        gemm_into_tile(&mut tile[col..], width, false, 1.0, q_tile, k_span)?;
+                        gemm_into_tile(&mut tile[col..], width, false, 1.0, q_tile, k_span, 1)?;
                     }
                     // P = softmax(scale·S + M), row by row.
                     for (row, i) in tile.chunks_mut(width.max(1)).zip(rows.0..rows.1) {
@@ -326,8 +334,12 @@ impl CustomOp3 for Attention {
                 }
                 Ok(())
             })?;
-        if let Ok(mut saved) = self.probs.lock() {
-            *saved = Some(probs);
+        if let Ok(mut saved) = self.saved.lock() {
+            *saved = Some(Saved {
+                probs,
+                spans,
+                packed,
+            });
         }
         Ok((CpuStorage::F32(out), Shape::from((b, hq, t, d))))
     }
@@ -340,11 +352,16 @@ impl CustomOp3 for Attention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let probs = match self.probs.lock() {
+        let saved = match self.saved.lock() {
             Ok(mut saved) => saved.take(),
             Err(_) => None,
         };
-        let Some(probs) = probs else {
+        let Some(Saved {
+            probs,
+            spans,
+            packed,
+        }) = saved
+        else {
             candle_core::bail!("fused attention: backward without a saved forward")
         };
         let grad = grad.contiguous()?;
@@ -367,13 +384,7 @@ impl CustomOp3 for Attention {
             d,
         } = self.dims;
         let rep = hq / hkv;
-        let mask_guard = self.mask.storage_and_layout();
-        let spans = key_spans(f32_slice(&mask_guard.0, mask_guard.1, "mask")?, b, t, s);
-        let packed = Packed::new(&spans, t);
         let blocks = packed.block_ranges(hq);
-        if blocks.last().map_or(0, |r| r.end) != probs.len() {
-            candle_core::bail!("fused attention: saved probabilities do not fit the mask")
-        }
         let mut dq = vec![0f32; b * hq * t * d];
         let mut dk = vec![0f32; b * hkv * s * d];
         let mut dv = vec![0f32; b * hkv * s * d];
@@ -414,7 +425,7 @@ impl CustomOp3 for Attention {
                                 go_tile,
                             )?;
                             let v_span = Mat::dense(&vb[k0 * d..k1 * d], k1 - k0, d).t();
-                            gemm_into_tile(&mut ds[col..], width, false, 1.0, go_tile, v_span)?;
+                            gemm_into_tile(&mut ds[col..], width, false, 1.0, go_tile, v_span, 1)?;
                         }
                         // dS = P ⊙ (dP − rowsum(dP ⊙ P))
                         let w = width.max(1);

@@ -122,7 +122,7 @@ pub(super) fn gemm_into<T: Float>(
 ) -> candle_core::Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let stride = dense_stride(dst, lhs, rhs)?;
-    gemm_with(dst, stride, accumulate, beta, lhs, rhs, threads)
+    gemm_into_tile(dst, stride, accumulate, beta, lhs, rhs, threads)
 }
 
 /// As [`gemm_into`] on the calling thread only (for kernels that parallelise over blocks).
@@ -134,20 +134,7 @@ pub(super) fn gemm_into_serial<T: Float>(
     rhs: Mat<T>,
 ) -> candle_core::Result<()> {
     let stride = dense_stride(dst, lhs, rhs)?;
-    gemm_into_tile(dst, stride, accumulate, beta, lhs, rhs)
-}
-
-/// As [`gemm_into_serial`] into the (m, n) block of a wider row-major matrix: row i of the
-/// product goes to `dst[i·dst_stride ..][..n]` (a tile of attention's score matrix).
-pub(super) fn gemm_into_tile<T: Float>(
-    dst: &mut [T],
-    dst_stride: usize,
-    accumulate: bool,
-    beta: f64,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
-) -> candle_core::Result<()> {
-    gemm_with(dst, dst_stride, accumulate, beta, lhs, rhs, 1)
+    gemm_into_tile(dst, stride, accumulate, beta, lhs, rhs, 1)
 }
 
 /// The row stride of a dense (m, n) destination, which must be exactly m·n long.
@@ -159,7 +146,10 @@ fn dense_stride<T: Float>(dst: &[T], lhs: Mat<T>, rhs: Mat<T>) -> candle_core::R
     Ok(n)
 }
 
-fn gemm_with<T: Float>(
+/// dst (m, n) ← (dst if `accumulate`) + beta·lhs·rhs into the (m, n) block of a row-major
+/// matrix with rows `dst_stride` apart: row i of the product goes to `dst[i·dst_stride ..][..n]`
+/// (a tile of attention's score matrix), on up to `threads` threads.
+pub(super) fn gemm_into_tile<T: Float>(
     dst: &mut [T],
     dst_stride: usize,
     accumulate: bool,
