@@ -1498,7 +1498,7 @@ impl Map2 for MatMul {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
             let dst_p = &mut dst[step * c_skip..];
-            // leash patch: bands of output columns per thread (gemm_split.rs).
+            // leash patch: each thread a band of the output (gemm_split.rs).
             unsafe {
                 gemm_threaded(
                     /* m: usize = */ m,
