@@ -4,7 +4,8 @@
 //! that do and do not divide the side, strided (transposed) operands, an accumulating
 //! destination, and the fallbacks (a small product on one thread; bands too narrow, handed to
 //! gemm's own threading). Called with explicit thread counts so every branch runs whatever the
-//! machine's core count.
+//! machine's core count. The fourth change (candle's matmul output left uninitialised) is
+//! checked by starting from NaN on every path gemm can take.
 
 use candle_core::cpu_backend::gemm_threaded;
 
@@ -18,7 +19,20 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 /// One case: (m, k) lhs stored transposed or not, (k, n) rhs stored transposed or not, dst
 /// (m, n) row-major, `dst ← alpha·dst + beta·lhs·rhs` when `read_dst`, else `beta·lhs·rhs`.
 fn check(m: usize, n: usize, k: usize, lhs_t: bool, rhs_t: bool, read_dst: bool, threads: usize) {
-    let (lhs, rhs, start) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+    check_from(m, n, k, (lhs_t, rhs_t), read_dst, threads, values(m * n, 3));
+}
+
+/// `check` with the destination's starting values given (NaN: a buffer nobody initialised).
+fn check_from(
+    m: usize,
+    n: usize,
+    k: usize,
+    (lhs_t, rhs_t): (bool, bool),
+    read_dst: bool,
+    threads: usize,
+    start: Vec<f32>,
+) {
+    let (lhs, rhs) = (values(m * k, 1), values(k * n, 2));
     // Element (i, p) of lhs at i·lrs + p·lcs; (p, j) of rhs at p·rrs + j·rcs.
     let (lrs, lcs) = if lhs_t { (1, m) } else { (k, 1) };
     let (rrs, rcs) = if rhs_t { (1, k) } else { (n, 1) };
@@ -59,15 +73,19 @@ fn check(m: usize, n: usize, k: usize, lhs_t: bool, rhs_t: bool, read_dst: bool,
             threads,
         )
     };
+    // A NaN left anywhere (an element never written) makes `worst` NaN, which fails below.
     let worst = dst
         .iter()
         .zip(&want)
         .map(|(&g, &w)| (g as f64 - w).abs())
-        .fold(0.0, f64::max);
+        .fold(
+            0.0,
+            |a: f64, d| if d.is_nan() { f64::NAN } else { a.max(d) },
+        );
     // f32 sums of k terms of size ≤ 2 (beta · |a·b| ≤ 2).
     let tol = 4.0 * k as f64 * f32::EPSILON as f64;
     assert!(
-        worst <= tol,
+        !worst.is_nan() && worst <= tol,
         "({m}, {k})·({k}, {n}), lhs_t {lhs_t}, rhs_t {rhs_t}, read_dst {read_dst}, \
          {threads} threads: off by {worst:e} (tolerance {tol:e})"
     );
@@ -103,4 +121,60 @@ fn fallbacks_equal_the_product() {
     check(8, 20, 12, false, true, true, 2); // small: one thread
     check(300, 100, 120, false, true, false, 8); // row bands of 48 < 64: gemm's own threading
     check(40, 300, 200, true, false, true, 1); // one thread asked for
+}
+
+/// candle's MatMul hands `gemm_threaded` an output it never zero-fills (LEASH-PATCH.md, fourth
+/// change), so every path gemm may take with `read_dst = false` must write every element:
+/// NaN as the starting values fails the check for any element left unwritten.
+#[test]
+fn every_path_overwrites_a_dirty_destination() {
+    let nan = |m: usize, n: usize| vec![f32::NAN; m * n];
+    for (m, n, k, threads) in [
+        (200, 300, 64, 2),  // column bands, gemm's packed microkernels
+        (400, 16, 64, 2),   // row bands
+        (300, 100, 120, 8), // gemm's own threading
+        (8, 20, 12, 1),     // small (m·n ≤ 256: gemm's horizontal kernels)
+        (50, 40, 2, 1),     // k ≤ 2: gemm's outer-product path
+        (50, 40, 0, 2),     // k = 0: zeros
+        (1, 70, 30, 1),     // one row: gemv
+        (70, 1, 30, 1),     // one column: gemv
+    ] {
+        for layout in [(false, false), (false, true), (true, false), (true, true)] {
+            check_from(m, n, k, layout, false, threads, nan(m, n));
+        }
+    }
+}
+
+/// The same through candle's matmul, after dropping NaN-filled buffers of the output's size so
+/// the allocator is likely to hand one back.
+#[test]
+fn candle_matmul_output_is_fully_written() {
+    use candle_core::{Device, Tensor};
+    for (m, k, n) in [(64, 48, 80), (3, 5, 7), (33, 0, 9), (96, 64, 1)] {
+        for _ in 0..4 {
+            drop(std::hint::black_box(vec![f32::NAN; m * n]));
+        }
+        let a = Tensor::from_vec(values(m * k, 4), (m, k), &Device::Cpu).unwrap();
+        let b = Tensor::from_vec(values(k * n, 5), (k, n), &Device::Cpu).unwrap();
+        let got = a
+            .matmul(&b)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let (av, bv) = (values(m * k, 4), values(k * n, 5));
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|p| av[i * k + p] as f64 * bv[p * n + j] as f64)
+                    .sum();
+                let g = got[i * n + j] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-4,
+                    "({m}, {k})·({k}, {n}) at ({i}, {j}): {g} vs {want}"
+                );
+            }
+        }
+    }
 }

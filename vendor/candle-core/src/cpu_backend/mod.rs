@@ -1478,7 +1478,13 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // leash patch: no zero fill. With `read_dst = false` gemm writes every element of each
+        // (m, n) block before anything reads it (BLAS's beta = 0: its microkernels, gemv, gevv
+        // and k = 0 paths all store without loading dst), so the memset was a wasted pass over
+        // the output (~3 % of a training step, LEASH-PATCH.md).
+        let dst_len = b * m * n;
+        let mut dst: Vec<T> = Vec::with_capacity(dst_len);
+        let dst_ptr = dst.as_mut_ptr();
         let num_threads = crate::utils::get_num_threads();
         let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
             // A batch-invariant rhs lets the batches of lhs stack into the rows of a single
@@ -1497,14 +1503,14 @@ impl Map2 for MatMul {
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
             // leash patch: each thread a band of the output (gemm_split.rs).
+            // SAFETY: step * c_skip + m * n <= dst_len, inside the allocation.
             unsafe {
                 gemm_threaded(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_ptr.add(step * c_skip),
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1520,6 +1526,8 @@ impl Map2 for MatMul {
                 )
             }
         }
+        // SAFETY: the b products above wrote all b * m * n elements (see the allocation).
+        unsafe { dst.set_len(dst_len) };
         Ok(dst)
     }
 
