@@ -120,9 +120,40 @@ pub(super) fn gemm_into<T: Float>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) -> candle_core::Result<()> {
-    let threads = candle_core::utils::get_num_threads();
     let stride = dense_stride(dst, lhs, rhs)?;
-    gemm_into_tile(dst, stride, accumulate, beta, lhs, rhs, threads)
+    gemm_into_tile(dst, stride, accumulate, beta, lhs, rhs, threads())
+}
+
+/// beta·lhs·rhs as a new dense (m, n) row-major buffer, on candle's thread count. The buffer
+/// is not zero-filled first (a serial pass over it on the calling thread): gemm writes every
+/// element when it does not read the destination, which candle's own matmul relies on too
+/// (vendor/candle-core/LEASH-PATCH.md, fourth change; tests/kernels/gemm_bands.rs).
+pub(super) fn gemm_new<T: Float>(
+    beta: f64,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) -> candle_core::Result<Vec<T>> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k || !lhs.in_bounds() || !rhs.in_bounds() {
+        candle_core::bail!(
+            "gemm: shapes ({m}, {k}) · ({}, {n}), or a view past its slice",
+            rhs.rows
+        )
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(vec![T::ZERO; m * n]);
+    }
+    let len = m * n;
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the allocation holds len = m·n elements, the dense (m, n) destination gemm
+    // writes (row stride n); lhs and rhs were checked in bounds above. With read_dst false,
+    // gemm stores every element of the destination without loading it, so all len elements
+    // are initialised when the length is set.
+    unsafe {
+        product_into(out.as_mut_ptr(), n, false, beta, lhs, rhs, threads());
+        out.set_len(len);
+    }
+    Ok(out)
 }
 
 /// As [`gemm_into`] on the calling thread only (for kernels that parallelise over blocks).
@@ -180,24 +211,57 @@ pub(super) fn gemm_into_tile<T: Float>(
     // ((m−1)·dst_stride + n − 1) and the last element of each of lhs and rhs were checked in
     // bounds above, and dst_stride ≥ n keeps rows from overlapping.
     unsafe {
-        candle_core::cpu_backend::gemm_threaded(
-            m,
-            n,
-            k,
+        product_into(
             dst.as_mut_ptr(),
-            1,
-            dst_stride as isize,
+            dst_stride,
             accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            T::of(1.0),
-            T::of(beta),
+            beta,
+            lhs,
+            rhs,
             threads,
-        );
-    }
+        )
+    };
     Ok(())
+}
+
+/// candle's thread count for products (detected once by the vendored candle-core).
+fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+/// `gemm_threaded` on (m, n) = (lhs.rows, rhs.cols) into `dst`, row stride `dst_stride`:
+/// dst ← (dst if `accumulate`) + beta·lhs·rhs.
+///
+/// # Safety
+/// lhs and rhs in bounds (`Mat::in_bounds`), k = lhs.cols = rhs.rows ≥ 1, and `dst` valid for
+/// writes (and, if `accumulate`, reads) of every `dst[i·dst_stride + j]`, i < m, j < n,
+/// with dst_stride ≥ n; dst must not overlap lhs or rhs. (The safe entries above check these
+/// and take the same arguments, with dst as a slice.)
+unsafe fn product_into<T: Float>(
+    dst: *mut T,
+    dst_stride: usize,
+    accumulate: bool,
+    beta: f64,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    threads: usize,
+) {
+    candle_core::cpu_backend::gemm_threaded(
+        lhs.rows,
+        rhs.cols,
+        lhs.cols,
+        dst,
+        1,
+        dst_stride as isize,
+        accumulate,
+        lhs.data.as_ptr(),
+        lhs.cs as isize,
+        lhs.rs as isize,
+        rhs.data.as_ptr(),
+        rhs.cs as isize,
+        rhs.rs as isize,
+        T::of(1.0),
+        T::of(beta),
+        threads,
+    );
 }

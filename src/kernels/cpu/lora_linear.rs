@@ -24,7 +24,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
 
-use super::gemm::{gemm_into, Float, Mat};
+use super::gemm::{gemm_into, gemm_new, Float, Mat};
 use crate::model::frozen_dtype::is_half;
 
 /// Whether the fused op takes these operands: x, A, B (and the bias) in one f32/f64 dtype, W
@@ -179,9 +179,12 @@ impl LoraLinear {
                     (b.rows, b.cols)
                 )
             }
-            let mut y = vec![T::ZERO; n * o];
-            let with_bias = match &self.bias {
+            let mut y = match &self.bias {
+                // y = x·W, written by gemm without a zero fill first.
+                None => gemm_new(1.0, x, w)?,
+                // y = b + x·W: the bias in every row, then the product added.
                 Some(bias) => {
+                    let mut y = vec![T::ZERO; n * o];
                     with_cpu(bias, |bs, bl| {
                         let Some((s, e)) = bl.contiguous_offsets() else {
                             candle_core::bail!("lora-linear: bias must be contiguous")
@@ -200,15 +203,13 @@ impl LoraLinear {
                             .for_each(|row| row.copy_from_slice(bv));
                         Ok(())
                     })?;
-                    true
+                    gemm_into(&mut y, true, 1.0, x, w)?;
+                    y
                 }
-                None => false,
             };
-            gemm_into(&mut y, with_bias, 1.0, x, w)?; // y (+)= x·W
             let dropped = self.dropout.as_ref().map(|d| d.apply(x));
             let xin = dropped.as_deref().map_or(x, |v| Mat::dense(v, n, x.cols));
-            let mut low = vec![T::ZERO; n * r];
-            gemm_into(&mut low, false, 1.0, xin, a.t())?; // (n, r) = x·Aᵀ
+            let low = gemm_new(1.0, xin, a.t())?; // (n, r) = x·Aᵀ
             gemm_into(&mut y, true, self.scale, Mat::dense(&low, n, r), b.t())?; // y += s·low·Bᵀ
             Ok((T::storage(y), Shape::from((n, o))))
         })
@@ -283,18 +284,15 @@ impl LoraLinear {
                             let g = Mat::<T>::of(gs, gl, "grad")?; // (n, o)
                             let w = Mat::<T>::of(ws, wl, "W")?; // (i, o)
                             let (n, i, o, r) = (x.rows, x.cols, w.cols, a.rows);
-                            let mut gb = vec![T::ZERO; n * r];
-                            gemm_into(&mut gb, false, 1.0, g, b)?; // (n, r) = g·B
+                            let gb = gemm_new(1.0, g, b)?; // (n, r) = g·B
                             let gb = Mat::dense(&gb, n, r);
                             let dx = if xt.track_op() {
-                                let mut dx = vec![T::ZERO; n * i];
-                                gemm_into(&mut dx, false, 1.0, g, w.t())?; // g·Wᵀ
+                                let mut dx = gemm_new(1.0, g, w.t())?; // g·Wᵀ
                                 match &self.dropout {
                                     None => gemm_into(&mut dx, true, s, gb, a)?, // + s·(g·B)·A
                                     Some(d) => {
                                         // + s·((g·B)·A) ⊙ keep / (1 − p)
-                                        let mut low_grad = vec![T::ZERO; n * i];
-                                        gemm_into(&mut low_grad, false, s, gb, a)?;
+                                        let mut low_grad = gemm_new(s, gb, a)?;
                                         d.mask_in_place(&mut low_grad);
                                         for (dx, &l) in dx.iter_mut().zip(&low_grad) {
                                             *dx += l;
@@ -309,17 +307,14 @@ impl LoraLinear {
                             let dropped = self.dropout.as_ref().map(|d| d.apply(x));
                             let x = dropped.as_deref().map_or(x, |v| Mat::dense(v, n, i));
                             let da = if at.track_op() {
-                                let mut da = vec![T::ZERO; r * i];
-                                gemm_into(&mut da, false, s, gb.t(), x)?; // s·(g·B)ᵀ·x
+                                let da = gemm_new(s, gb.t(), x)?; // s·(g·B)ᵀ·x
                                 Some(Tensor::from_vec(da, (r, i), &Device::Cpu)?)
                             } else {
                                 None
                             };
                             let db = if bt.track_op() {
-                                let mut low = vec![T::ZERO; n * r];
-                                gemm_into(&mut low, false, 1.0, x, a.t())?; // x·Aᵀ again
-                                let mut db = vec![T::ZERO; o * r];
-                                gemm_into(&mut db, false, s, g.t(), Mat::dense(&low, n, r))?;
+                                let low = gemm_new(1.0, x, a.t())?; // x·Aᵀ again
+                                let db = gemm_new(s, g.t(), Mat::dense(&low, n, r))?;
                                 Some(Tensor::from_vec(db, (o, r), &Device::Cpu)?)
                             } else {
                                 None

@@ -380,6 +380,14 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // leash patch: detected once. Every CPU matmul asks for the thread count, and without
+    // RAYON_NUM_THREADS the detection below parses /proc/cpuinfo (num_cpus::get_physical):
+    // thousands of reads per training step on the calling thread (LEASH-PATCH.md).
+    static DETECTED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(detect_num_threads)
+}
+
+fn detect_num_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
