@@ -35,7 +35,7 @@ use rayon::prelude::*;
 
 use super::fast_exp::exp_shifted_in_place;
 use super::gemm::{gemm_into_serial, gemm_into_tile, Mat};
-use super::{data, dot, is_f32, max};
+use super::{data, dot, is_f32, max, par_zeros};
 use crate::model::ops::MASKED;
 
 /// Queries and keys per tile of the score matrix (see the module comment).
@@ -289,8 +289,8 @@ impl CustomOp3 for Attention {
         let rep = hq / hkv;
         let spans = key_spans(mask, b, t, s);
         let packed = Packed::new(&spans, t);
-        let mut probs = vec![0f32; packed.len(hq)];
-        let mut out = vec![0f32; b * hq * t * d];
+        let mut probs = par_zeros(packed.len(hq));
+        let mut out = par_zeros(b * hq * t * d);
         packed
             .blocks(&mut probs, hq)
             .into_par_iter()
@@ -385,9 +385,9 @@ impl CustomOp3 for Attention {
         } = self.dims;
         let rep = hq / hkv;
         let blocks = packed.block_ranges(hq);
-        let mut dq = vec![0f32; b * hq * t * d];
-        let mut dk = vec![0f32; b * hkv * s * d];
-        let mut dv = vec![0f32; b * hkv * s * d];
+        let mut dq = par_zeros(b * hq * t * d);
+        let mut dk = par_zeros(b * hkv * s * d);
+        let mut dv = par_zeros(b * hkv * s * d);
         // One task per (batch, kv head): it owns dK, dV of that head and dQ of its query heads.
         // Every product runs on the forward's spans only (P is 0 outside them); dP and dS
         // are packed like P.

@@ -22,6 +22,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fast_exp::{log_sum_exp, scaled_exp_shifted};
+use super::par_zeros;
 use crate::kernels::row_stats::{stats_of_row, RowStats};
 use crate::kernels::HeadLogprobs;
 use crate::model::frozen_dtype::{is_half, upcast};
@@ -219,7 +220,7 @@ impl CustomOp2 for LmHeadLogprob {
                 None => h_c.matmul(&w.t()?)?,
             };
             // d logp / d logits = onehot(target) − softmax, times the upstream gradient.
-            let mut gl = vec![0f32; len * v];
+            let mut gl = par_zeros(len * v);
             with_f32(&logits.contiguous()?, |data| {
                 gl.par_chunks_mut(v)
                     .zip(data.par_chunks(v))

@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{data, dot, is_f32, ROWS_PER_TASK};
+use super::{data, dot, is_f32, par_zeros, ROWS_PER_TASK};
 
 /// Whether the kernel takes these operands: f32 x (…, c) and weight (c).
 pub fn supports(x: &Tensor, w: &Tensor) -> bool {
@@ -55,7 +55,7 @@ impl CustomOp2 for RmsNorm {
         if l1.shape().dims().last() != Some(&c) {
             candle_core::bail!("rms_norm: x {:?} vs weight {:?}", l1.shape(), l2.shape())
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = par_zeros(x.len());
         y.par_chunks_mut(c)
             .zip(x.par_chunks(c))
             .with_min_len(ROWS_PER_TASK)
@@ -114,7 +114,7 @@ impl CustomOp3 for RmsNormGrad {
         if g.len() != x.len() {
             candle_core::bail!("rms_norm grad: x {:?} vs grad {:?}", l1.shape(), l3.shape())
         }
-        let mut out = vec![0f32; x.len() + c];
+        let mut out = par_zeros(x.len() + c);
         let (dx, dw) = out.split_at_mut(x.len());
         let block = ROWS_PER_TASK * c;
         let partials: Vec<Vec<f32>> = dx

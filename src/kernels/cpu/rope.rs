@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32s, is_f32, ROWS_PER_TASK};
+use super::{f32s, is_f32, par_zeros, ROWS_PER_TASK};
 
 /// Whether the kernel takes these operands: f32 x (b, h, t, d) with even d; cos and sin of
 /// one shape with size 1 or x's size in each of the first three dims and d in the last.
@@ -107,7 +107,7 @@ impl CustomOp3 for Rope {
             let (bi, hi, ti) = (row / (h * t), (row / t) % h, row % t);
             start + bi * st[0] + hi * st[1] + ti * st[2]
         };
-        let mut y = vec![0f32; l1.shape().elem_count()];
+        let mut y = par_zeros(l1.shape().elem_count());
         y.par_chunks_mut(d.max(1))
             .enumerate()
             .with_min_len(ROWS_PER_TASK)

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{data, fast_exp, is_f32, ELEMS_PER_TASK};
+use super::{data, fast_exp, is_f32, par_zeros, ELEMS_PER_TASK};
 
 /// Whether the kernel takes these operands: f32 gate and up of one shape.
 pub fn supports(gate: &Tensor, up: &Tensor) -> bool {
@@ -72,7 +72,7 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: gate {:?} vs up {:?}", l1.shape(), l2.shape())
         }
-        let mut y = vec![0f32; a.len()];
+        let mut y = par_zeros(a.len());
         y.par_chunks_mut(ELEMS_PER_TASK)
             .zip(
                 a.par_chunks(ELEMS_PER_TASK)
@@ -121,7 +121,7 @@ impl CustomOp3 for SwiGluGrad {
             candle_core::bail!("swiglu grad: mismatched gate, up and grad sizes")
         }
         let n = a.len();
-        let mut out = vec![0f32; 2 * n];
+        let mut out = par_zeros(2 * n);
         let (da, du) = out.split_at_mut(n);
         da.par_chunks_mut(ELEMS_PER_TASK)
             .zip(du.par_chunks_mut(ELEMS_PER_TASK))

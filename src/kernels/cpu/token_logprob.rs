@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fast_exp::{log_sum_exp, scaled_exp_shifted};
-use super::is_f32;
+use super::{is_f32, par_zeros};
 
 /// Whether the kernel takes `logits`: f32 (targets are u32).
 pub fn supports(logits: &Tensor) -> bool {
@@ -118,7 +118,7 @@ impl CustomOp2 for TokenLogProbGrad {
             candle_core::bail!("token_logprob grad: inputs must be contiguous")
         };
         let (logits, packed) = (&logits[a..b], &packed[c..e]);
-        let mut grad = vec![0f32; n * v];
+        let mut grad = par_zeros(n * v);
         grad.par_chunks_mut(v)
             .zip(logits.par_chunks(v))
             .zip(packed.par_chunks(3))
