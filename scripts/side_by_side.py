@@ -9,7 +9,9 @@ epoch. Both trainers run with their own defaults otherwise (live reference model
 `precompute_ref_log_probs` (the precompute pass is part of the run, so it is counted per row).
 
 Per-step time = (wall time of a 9-step run - wall time of a 3-step run) / 6, so start-up, loading
-and the final save cancel. Each run is its own process (its peak RSS is that process's
+and the final save cancel: from the fastest run of each length, and (with several rounds) also
+as the median over rounds of each round's own difference, which one lucky or unlucky run moves
+less. Each run is its own process (its peak RSS is that process's
 ru_maxrss). The runs alternate TRL, leash, TRL, leash, ... and the script prints each run, the
 per-step times and the ratio TRL / leash, from wall time and from CPU time (user + system of
 the process; steadier than wall time when other work shares the machine).
@@ -28,6 +30,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -193,6 +196,15 @@ def main() -> None:
             print(f"{label}, {name} time: TRL {per_step['trl']:.3f} s/step ({tokens / per_step['trl']:.0f} tok/s), "
                   f"leash {per_step['leash']:.3f} s/step ({tokens / per_step['leash']:.0f} tok/s), "
                   f"leash = {per_step['trl'] / per_step['leash']:.2f}x TRL", flush=True)
+            if a.rounds > 1:
+                # A second estimate: each round's own difference, then the median over rounds.
+                # The minima above can pair a lucky short run with an unlucky long one.
+                paired = {side: statistics.median(
+                    (lng - sht) / (LONG - SHORT) for lng, sht in zip(t[(side, LONG)], t[(side, SHORT)]))
+                    for side in ("trl", "leash")}
+                print(f"{label}, {name} time, median of the {a.rounds} rounds' differences: "
+                      f"TRL {paired['trl']:.3f} s/step, leash {paired['leash']:.3f} s/step, "
+                      f"leash = {paired['trl'] / paired['leash']:.2f}x TRL", flush=True)
 
 
 if __name__ == "__main__":
