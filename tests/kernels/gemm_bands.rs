@@ -145,35 +145,40 @@ fn every_path_overwrites_a_dirty_destination() {
     }
 }
 
-/// The same through candle's matmul, after dropping NaN-filled buffers of the output's size so
-/// the allocator is likely to hand one back.
+/// The same through candle's matmul in each dtype it multiplies on the CPU (f32, f64, and
+/// f16 through gemm-f16's own kernels), after dropping NaN-filled buffers of the output's
+/// size so the allocator is likely to hand one back.
 #[test]
 fn candle_matmul_output_is_fully_written() {
-    use candle_core::{Device, Tensor};
-    for (m, k, n) in [(64, 48, 80), (3, 5, 7), (33, 0, 9), (96, 64, 1)] {
-        for _ in 0..4 {
-            drop(std::hint::black_box(vec![f32::NAN; m * n]));
-        }
-        let a = Tensor::from_vec(values(m * k, 4), (m, k), &Device::Cpu).unwrap();
-        let b = Tensor::from_vec(values(k * n, 5), (k, n), &Device::Cpu).unwrap();
-        let got = a
-            .matmul(&b)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let (av, bv) = (values(m * k, 4), values(k * n, 5));
-        for i in 0..m {
-            for j in 0..n {
-                let want: f64 = (0..k)
-                    .map(|p| av[i * k + p] as f64 * bv[p * n + j] as f64)
-                    .sum();
-                let g = got[i * n + j] as f64;
-                assert!(
-                    (g - want).abs() <= 1e-4,
-                    "({m}, {k})·({k}, {n}) at ({i}, {j}): {g} vs {want}"
-                );
+    use candle_core::{DType, Device, Tensor};
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-9), (DType::F16, 0.1)] {
+        for (m, k, n) in [(64, 48, 80), (3, 5, 7), (33, 0, 9), (96, 64, 1)] {
+            for _ in 0..4 {
+                drop(std::hint::black_box(vec![f64::NAN; m * n]));
+                drop(std::hint::black_box(vec![f32::NAN; m * n]));
+                drop(std::hint::black_box(vec![u16::MAX; m * n])); // an f16 NaN
+            }
+            let (av, bv) = (values(m * k, 4), values(k * n, 5));
+            let a = Tensor::from_vec(av.clone(), (m, k), &Device::Cpu).unwrap();
+            let b = Tensor::from_vec(bv.clone(), (k, n), &Device::Cpu).unwrap();
+            let (a, b) = (a.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
+            let got = a.matmul(&b).unwrap().to_dtype(DType::F64).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            // The operands as the dtype holds them (f16 rounds them).
+            let held = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            let (av, bv) = (
+                held(&a).to_vec1::<f64>().unwrap(),
+                held(&b).to_vec1::<f64>().unwrap(),
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|p| av[i * k + p] * bv[p * n + j]).sum();
+                    let g = got[i * n + j];
+                    assert!(
+                        (g - want).abs() <= tol,
+                        "{dtype:?} ({m}, {k})·({k}, {n}) at ({i}, {j}): {g} vs {want}"
+                    );
+                }
             }
         }
     }
