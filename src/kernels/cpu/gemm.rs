@@ -134,7 +134,7 @@ pub(super) fn gemm_new<T: Float>(
     rhs: Mat<T>,
 ) -> candle_core::Result<Vec<T>> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || !lhs.in_bounds() || !rhs.in_bounds() {
+    if !operands_fit(lhs, rhs) {
         candle_core::bail!(
             "gemm: shapes ({m}, {k}) · ({}, {n}), or a view past its slice",
             rhs.rows
@@ -191,7 +191,7 @@ pub(super) fn gemm_into_tile<T: Float>(
 ) -> candle_core::Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     let dst_fits = m == 0 || n == 0 || (dst_stride >= n && (m - 1) * dst_stride + n <= dst.len());
-    if rhs.rows != k || !dst_fits || !lhs.in_bounds() || !rhs.in_bounds() {
+    if !dst_fits || !operands_fit(lhs, rhs) {
         candle_core::bail!(
             "gemm: shapes ({m}, {k}) · ({}, {n}) into {} elements with row stride \
              {dst_stride}, or a view past its slice",
@@ -222,6 +222,11 @@ pub(super) fn gemm_into_tile<T: Float>(
         )
     };
     Ok(())
+}
+
+/// Whether lhs's columns meet rhs's rows and both views stay inside their slices.
+fn operands_fit<T>(lhs: Mat<T>, rhs: Mat<T>) -> bool {
+    lhs.cols == rhs.rows && lhs.in_bounds() && rhs.in_bounds()
 }
 
 /// candle's thread count for products (detected once by the vendored candle-core).

@@ -21,9 +21,9 @@
 //!
 //! Legend: n rows (all leading dims flattened), i in features, o out features, r rank.
 
-use candle_core::backend::BackendStorage;
 use std::sync::OnceLock;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
 
 use super::gemm::{gemm_into, gemm_new, Float, Mat};
@@ -218,7 +218,8 @@ impl LoraLinear {
             let xin = dropped.as_deref().map_or(x, |v| Mat::dense(v, n, x.cols));
             let low = gemm_new(1.0, xin, a.t())?; // (n, r) = x·Aᵀ
             gemm_into(&mut y, true, self.scale, Mat::dense(&low, n, r), b.t())?; // y += s·low·Bᵀ
-                                                                                 // A second forward of the same op (none happens today) keeps the first's product.
+                                                                                 // Kept for backward's dB. Each op value runs forward once (candle applies it
+                                                                                 // immediately), so the cell is always empty here.
             let _ = self.low.set(T::storage(low));
             Ok((T::storage(y), Shape::from((n, o))))
         })
@@ -322,14 +323,9 @@ impl LoraLinear {
                                 None
                             };
                             let db = if bt.track_op() {
-                                // x·Aᵀ as forward computed it, else again.
-                                let recomputed;
-                                let low = match self.low.get().and_then(T::slice) {
-                                    Some(low) if low.len() == n * r => low,
-                                    _ => {
-                                        recomputed = gemm_new(1.0, x, a.t())?;
-                                        &recomputed
-                                    }
+                                // x·Aᵀ as forward computed it.
+                                let Some(low) = self.low.get().and_then(T::slice) else {
+                                    candle_core::bail!("lora-linear: backward without a forward")
                                 };
                                 let db = gemm_new(s, g.t(), Mat::dense(low, n, r))?;
                                 Some(Tensor::from_vec(db, (o, r), &Device::Cpu)?)
