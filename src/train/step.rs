@@ -267,8 +267,10 @@ fn dpo(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Re
     let p = examples.len();
     let seqs = pair_sequences(examples, cfg.max_length);
     let b = batch(ctx, &seqs, &[])?;
-    let scored = score_with_stats(ctx.policy, &b)?;
+    // The reference first: its forward's transient buffers are freed before the policy's
+    // forward starts holding activations for backward, so they do not add to the peak.
     let (ref_c, ref_r) = reference_logps(ctx, examples, &b, None)?;
+    let scored = score_with_stats(ctx.policy, &b)?;
     let lp_c = scored.seq_logps.narrow(0, 0, p)?;
     let lp_r = scored.seq_logps.narrow(0, p, p)?;
     let counts: Vec<f32> = scored.seq_tokens.iter().map(|&n| n as f32).collect();
@@ -355,9 +357,10 @@ fn kto(ctx: &StepContext, examples: &[(usize, &TrainExample)], scale: f64) -> Re
     }
     let b = batch(ctx, &sequences(&main, cfg.max_length), &[])?;
     let kb = batch(ctx, &sequences(&kl, cfg.max_length), &[])?;
-    let scored = score_with_stats(ctx.policy, &b)?;
-    let kl_logps = score(ctx.policy_frozen, &kb)?.seq_logps;
+    // Untracked forwards first (see `dpo`).
     let (ref_main, ref_kl) = reference_logps(ctx, examples, &b, Some(&kb))?;
+    let kl_logps = score(ctx.policy_frozen, &kb)?.seq_logps;
+    let scored = score_with_stats(ctx.policy, &b)?;
     let out = kto_loss(
         &scored.seq_logps,
         &ref_main,

@@ -130,6 +130,15 @@ pub fn scaled_exp_shifted(out: &mut [f32], xs: &[f32], shift: f32, scale: f32) {
     }
 }
 
+/// xs[i] ← scale · e^(xs[i] − shift): [`scaled_exp_shifted`] over a buffer it may overwrite
+/// (logits kept from forward become their own gradient, with no second buffer).
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn scaled_exp_shifted_in_place(xs: &mut [f32], shift: f32, scale: f32) {
+    for x in xs.iter_mut() {
+        *x = scale * exp(*x - shift);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +222,9 @@ mod tests {
         assert!((s as f64 - z64).abs() < 1e-5 * z64);
         let mut q = vec![0f32; row.len()];
         scaled_exp_shifted(&mut q, &row, max, -0.5);
+        let mut r = row.clone();
+        scaled_exp_shifted_in_place(&mut r, max, -0.5);
+        assert_eq!(q, r);
         for ((&x, &pi), &qi) in row.iter().zip(&p).zip(&q) {
             // The shift is taken in f32, as the functions do.
             let want = ((x - max) as f64).exp();

@@ -7,9 +7,10 @@
 //! too: entropy, mean logit, top-1 hit, in the same pass as the normaliser) and keeps, per
 //! row, only the log-normaliser; backward rebuilds `g·(onehot − softmax)` one chunk of rows at
 //! a time and multiplies it out at once into the hidden states' and the weight's gradients.
-//! Below [`KEEP_LOGITS_BYTES`] of logits the forward keeps them (held once) and backward reads
-//! them instead of recomputing the chunk's matmul; above it they are recomputed (one extra
-//! lm_head matmul in backward, the price of memory that no longer grows with the vocabulary).
+//! Below [`KEEP_LOGITS_BYTES`] of logits the forward keeps them (held once) and backward
+//! overwrites them with their gradient instead of recomputing them; above it they are
+//! recomputed chunk by chunk (one extra lm_head matmul in backward, the price of memory that
+//! no longer grows with the vocabulary).
 //!
 //! Reference: the composed `log_softmax(x @ W.T).gather(target)` (PyTorch / TRL's
 //! `selective_log_softmax`); checked against it and finite differences in the tests below.
@@ -21,15 +22,20 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fast_exp::{log_sum_exp, scaled_exp_shifted};
+use std::sync::Mutex;
+
+use super::fast_exp::{log_sum_exp, scaled_exp_shifted_in_place};
+use super::gemm::{gemm_new, Mat};
 use super::par_zeros;
 use crate::kernels::row_stats::{stats_of_row, RowStats};
 use crate::kernels::HeadLogprobs;
 use crate::model::frozen_dtype::{is_half, upcast};
 
 /// Logits up to this size (n·v·4 bytes) are kept from forward to backward; larger ones are
-/// recomputed chunk by chunk.
-pub const KEEP_LOGITS_BYTES: usize = 64 << 20;
+/// recomputed chunk by chunk. 128 MiB keeps the SmolLM-135M bench's 512 × 49,152 (100 MB):
+/// 1.11× its step, peak RSS 1,776 → 1,825 MiB (BENCHMARKS.md, eighth session); a 151,936-word
+/// vocabulary is kept up to 220 rows.
+pub const KEEP_LOGITS_BYTES: usize = 128 << 20;
 
 /// Rows per chunk: about this many logits (32 MiB of f32) at a time. The chunk's product is
 /// (rows × c)·(c × v): at 49,152 words and 576 channels, 74-row chunks ran at 143 GFLOP/s
@@ -80,6 +86,35 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     Ok(f(&d[a..b]))
 }
 
+/// Per row of (rows, v) logits: the target's log-probability, the log-normaliser and the
+/// statistics when asked.
+fn score_rows(
+    data: &[f32],
+    v: usize,
+    targets: &[u32],
+    want_stats: bool,
+) -> Vec<(f32, f32, Option<RowStats>)> {
+    data.par_chunks(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let (l, s) = row_pass(row, t, want_stats);
+            (row[t as usize] - l, l, s)
+        })
+        .collect()
+}
+
+/// hidden (n, c) · weightᵀ for an f32 weight (v, c): all (n, v) logits in one buffer.
+fn all_logits(hidden: &Tensor, weight: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let ((n, c), (v, _)) = (hidden.dims2()?, weight.dims2()?);
+    let (hidden, weight) = (hidden.contiguous()?, weight.contiguous()?);
+    let product = with_f32(&hidden, |h| {
+        with_f32(&weight, |w| {
+            gemm_new(1.0, Mat::dense(h, n, c), Mat::dense(w, v, c).t())
+        })
+    });
+    product??
+}
+
 /// The fused path; `keep_bytes` is the largest logits tensor kept for backward, and chunks
 /// hold at most `chunk_elems` logits (one row at least), the rows shared evenly.
 pub fn chunked(
@@ -107,33 +142,29 @@ pub fn chunked(
     // chunks of at most 170 are 3 of 171, not 3 of 170 and one of 2 that rereads W alone).
     let most = (chunk_elems / v.max(1)).max(1);
     let chunk = n.div_ceil(n.div_ceil(most).max(1)).max(1);
-    // Kept logits come from one matmul over all rows (the best use of the cores).
+    // Kept logits come from one product over all rows (the best use of the cores, and the
+    // row-major head is transposed into gemm's panels once, not once per chunk).
     let keep = n * v * 4 <= keep_bytes;
-    let rows = if keep { n.max(1) } else { chunk };
     let mut logps = Vec::with_capacity(n);
     let mut lses = Vec::with_capacity(n);
     let mut stats = Vec::new();
-    let mut kept = None;
-    for r0 in (0..n).step_by(rows) {
-        let len = rows.min(n - r0);
-        let logits = h.narrow(0, r0, len)?.matmul(&w.t()?)?.contiguous()?; // (len, v)
-        let tg = &targets[r0..r0 + len];
-        let per_row: Vec<(f32, f32, Option<RowStats>)> = with_f32(&logits, |data| {
-            data.par_chunks(v)
-                .zip(tg.par_iter())
-                .map(|(row, &t)| {
-                    let (l, s) = row_pass(row, t, want_stats);
-                    (row[t as usize] - l, l, s)
-                })
-                .collect()
-        })?;
-        for (lp, l, s) in per_row {
+    let mut record = |data: &[f32], tg: &[u32]| {
+        for (lp, l, s) in score_rows(data, v, tg, want_stats) {
             logps.push(lp);
             lses.push(l);
             stats.extend(s);
         }
-        if keep {
-            kept = Some(logits);
+    };
+    let mut kept = None;
+    if keep {
+        let logits = all_logits(&h, &w)?;
+        record(&logits, targets);
+        kept = Some(logits);
+    } else {
+        for r0 in (0..n).step_by(chunk) {
+            let len = chunk.min(n - r0);
+            let logits = h.narrow(0, r0, len)?.matmul(&w.t()?)?.contiguous()?; // (len, v)
+            with_f32(&logits, |data| record(data, &targets[r0..r0 + len]))?;
         }
     }
     let token_logps = if hidden.track_op() || weight.track_op() {
@@ -141,7 +172,7 @@ pub fn chunked(
             targets: targets.to_vec(),
             logps,
             lses,
-            kept,
+            kept: Mutex::new(kept),
             rows: chunk,
         };
         hidden.apply_op2(weight, op)?
@@ -176,7 +207,9 @@ struct LmHeadLogprob {
     targets: Vec<u32>,
     logps: Vec<f32>,
     lses: Vec<f32>,
-    kept: Option<Tensor>,
+    /// Forward's (n, v) logits when kept: backward takes them and overwrites them with their
+    /// gradient, so they are freed with it (and a second backward recomputes them).
+    kept: Mutex<Option<Vec<f32>>>,
     rows: usize,
 }
 
@@ -210,25 +243,48 @@ impl CustomOp2 for LmHeadLogprob {
         // A bf16/f16 frozen head is upcast for this call only (exact).
         let (h, w) = (hidden.detach(), upcast(&weight.detach())?);
         let g = grad_res.detach().to_vec1::<f32>()?;
+        // d logp / d logits = onehot(target) − softmax, times the upstream gradient.
+        let grad_of_row = |i: usize, row: &mut [f32]| {
+            let (gi, l, t) = (g[i], self.lses[i], self.targets[i]);
+            scaled_exp_shifted_in_place(row, l, -gi);
+            row[t as usize] += gi;
+        };
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(mut gl) = kept {
+            gl.par_chunks_mut(v.max(1))
+                .enumerate()
+                .for_each(|(i, row)| grad_of_row(i, row));
+            let gl = Tensor::from_vec(gl, (n, v), hidden.device())?;
+            let grad_h = if hidden.track_op() && n > 0 {
+                Some(gl.matmul(&w)?) // (n, c)
+            } else {
+                None
+            };
+            let grad_w = if weight.track_op() {
+                Some(gl.t()?.matmul(&h)?) // (v, c)
+            } else {
+                None
+            };
+            return Ok((grad_h, grad_w));
+        }
         let mut grad_h = Vec::new();
         let mut grad_w: Option<Tensor> = None;
         for r0 in (0..n).step_by(self.rows) {
             let len = self.rows.min(n - r0);
             let h_c = h.narrow(0, r0, len)?;
-            let logits = match &self.kept {
-                Some(k) => k.narrow(0, r0, len)?,
-                None => h_c.matmul(&w.t()?)?,
-            };
-            // d logp / d logits = onehot(target) − softmax, times the upstream gradient.
+            let logits = h_c.matmul(&w.t()?)?.contiguous()?;
             let mut gl = par_zeros(len * v);
-            with_f32(&logits.contiguous()?, |data| {
+            with_f32(&logits, |data| {
                 gl.par_chunks_mut(v)
                     .zip(data.par_chunks(v))
                     .enumerate()
                     .for_each(|(i, (out, row))| {
-                        let (gi, l, t) = (g[r0 + i], self.lses[r0 + i], self.targets[r0 + i]);
-                        scaled_exp_shifted(out, row, l, -gi);
-                        out[t as usize] += gi;
+                        out.copy_from_slice(row);
+                        grad_of_row(r0 + i, out);
                     })
             })?;
             let gl = Tensor::from_vec(gl, (len, v), hidden.device())?;
@@ -316,6 +372,31 @@ mod tests {
                 let d = max_diff(g.get(var).unwrap(), gr.get(var).unwrap());
                 assert!(d < 1e-5, "keep {keep} chunk {chunk}: {d}");
             }
+        }
+    }
+
+    /// Backward takes the kept logits (and overwrites them with their gradient); a second
+    /// backward over the same graph finds none and recomputes them, to the same gradients.
+    #[test]
+    fn a_second_backward_recomputes_the_taken_logits() {
+        let (h, w) = (
+            Var::from_tensor(&randn((7, 5), 5)).unwrap(),
+            Var::from_tensor(&randn((13, 5), 6)).unwrap(),
+        );
+        let got = chunked(
+            h.as_tensor(),
+            w.as_tensor(),
+            &TARGETS,
+            false,
+            usize::MAX,
+            26,
+        )
+        .unwrap();
+        let loss = got.token_logps.sum_all().unwrap();
+        let (first, second) = (loss.backward().unwrap(), loss.backward().unwrap());
+        for var in [&h, &w] {
+            let d = max_diff(first.get(var).unwrap(), second.get(var).unwrap());
+            assert!(d < 1e-6, "{d}");
         }
     }
 
