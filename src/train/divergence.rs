@@ -24,12 +24,8 @@ pub const EXPLODE_FACTOR: f64 = 1000.0;
 
 /// Root mean square of all trainable weights, in f64; non-finite if any weight is.
 pub fn weight_rms(vars: &[(String, Var)]) -> Result<f64> {
-    let (mut sum, mut n) = (0.0f64, 0usize);
-    for (_, v) in vars {
-        let t = v.as_tensor().flatten_all()?;
-        sum += t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        n += v.elem_count();
-    }
+    let sum = crate::train::optimizer::sum_of_squares(vars.iter().map(|(_, v)| v.as_tensor()))?;
+    let n: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     Ok((sum / n.max(1) as f64).sqrt())
 }
 

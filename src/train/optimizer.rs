@@ -8,9 +8,13 @@
 //! order of f32 operations (a test holds the two bit-identical on the CPU), so nothing but
 //! the loss and metrics crosses to the host during training.
 
-use candle_core::{Device, Tensor, Var};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kernels::cpu::{dot, with_host_f32, ELEMS_PER_TASK};
 
 pub struct AdamWSettings {
     pub beta1: f64,
@@ -126,6 +130,18 @@ impl AdamW {
 
     /// One update of every parameter with gradient `grads[i]` at learning rate `lr`.
     pub fn step(&mut self, params: &[(String, Var)], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(params, grads, 1.0, lr)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first (gradient
+    /// clipping's factor, see [`clip_grad_norm`]), as torch's `g * clip_coef` would round it.
+    pub fn step_scaled(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &[Tensor],
+        grad_scale: f64,
+        lr: f64,
+    ) -> Result<()> {
         self.step += 1;
         let s = &self.settings;
         // As torch: 1 − β is formed in double precision, then used as an f32 scalar.
@@ -148,28 +164,103 @@ impl AdamW {
                 ..base
             };
             match &mut self.moments[i].store {
-                Store::Host { m, v } => step_host(var, grad, m, v, &k)?,
-                Store::Device(mv) => step_device(var, grad, mv, &k)?,
+                Store::Host { m, v } => step_host(var, grad, grad_scale as f32, m, v, &k)?,
+                Store::Device(mv) => {
+                    if grad_scale == 1.0 {
+                        step_device(var, grad, mv, &k)?
+                    } else {
+                        step_device(var, &(grad * grad_scale)?, mv, &k)?
+                    }
+                }
             }
         }
         Ok(())
     }
 }
 
-/// The update on the CPU: one pass over flat copies, written back into the variable.
-fn step_host(var: &Var, grad: &Tensor, m: &mut [f32], v: &mut [f32], k: &Coefs) -> Result<()> {
-    let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
-    let mut p: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+/// The update on the CPU: the parameter overwritten in place, by the pool in fixed chunks
+/// (element-wise, so the result does not depend on the split). A serial loop over copies of
+/// the weights, written back with `Var::set`, left the workers idle for ~7 % of a full
+/// fine-tuning step of the side-by-side workload (BENCHMARKS.md, eighth session).
+fn step_host(
+    var: &Var,
+    grad: &Tensor,
+    scale: f32,
+    m: &mut [f32],
+    v: &mut [f32],
+    k: &Coefs,
+) -> Result<()> {
+    let mut update = |g: &[f32]| -> candle_core::Result<()> {
+        let op = HostUpdate {
+            g,
+            scale,
+            moments: Mutex::new((&mut *m, &mut *v)),
+            k,
+        };
+        var.as_tensor().inplace_op1(&op)
+    };
+    match with_host_f32(grad, &mut update) {
+        Some(done) => done?,
+        None => update(&grad.flatten_all()?.to_vec1::<f32>()?)?,
+    }
+    Ok(())
+}
+
+/// The AdamW update of one f32 CPU parameter, applied in place by candle (`inplace_op1`).
+struct HostUpdate<'a> {
+    g: &'a [f32],
+    scale: f32,
+    /// (m, v): the op gets `&self`, and runs once.
+    moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
+    k: &'a Coefs,
+}
+
+impl InplaceOp1 for HostUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-host-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(data), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("adamw: parameters are updated on the host as contiguous f32")
+        };
+        let p = &mut data[a..b];
+        let mut guard = self
+            .moments
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (m, v) = &mut *guard;
+        if [m.len(), v.len(), self.g.len()] != [p.len(); 3] {
+            candle_core::bail!(
+                "adamw: {} parameters, {} gradients, moments of {} and {}",
+                p.len(),
+                self.g.len(),
+                m.len(),
+                v.len()
+            )
+        }
+        let (g, scale, k) = (self.g, self.scale, self.k);
+        p.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(m.par_chunks_mut(ELEMS_PER_TASK))
+            .zip(v.par_chunks_mut(ELEMS_PER_TASK))
+            .zip(g.par_chunks(ELEMS_PER_TASK))
+            .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, scale, k));
+        Ok(())
+    }
+}
+
+/// torch's AdamW on one chunk, in f32 in torch's order of operations.
+fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], scale: f32, k: &Coefs) {
     for j in 0..p.len() {
+        // clip_grad_norm_: g.mul_(clip_coef); × 1.0 leaves every f32 as it is.
+        let g = g[j] * scale;
         p[j] *= k.decay;
         // torch: exp_avg.lerp_(grad, 1 − β1); exp_avg_sq.mul_(β2).addcmul_(g, g, 1 − β2)
-        m[j] += k.one_m_b1 * (g[j] - m[j]);
-        v[j] = v[j] * k.b2 + k.one_m_b2 * g[j] * g[j];
+        m[j] += k.one_m_b1 * (g - m[j]);
+        v[j] = v[j] * k.b2 + k.one_m_b2 * g * g;
         let denom = v[j].sqrt() / k.bias2_sqrt + k.eps;
         p[j] -= k.step_size * m[j] / denom;
     }
-    var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
-    Ok(())
 }
 
 /// The same update with tensor ops on the parameter's device, operation for operation as
@@ -208,30 +299,45 @@ fn step_device(
 
 /// The global L2 norm of all gradients (before clipping).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut total = 0f64;
-    for g in grads {
-        let n = g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        total += n;
-    }
-    Ok(total.sqrt())
+    Ok(sum_of_squares(grads)?.sqrt())
 }
 
-/// Scales gradients by min(1, max_norm / (norm + 1e-6)) as torch does; returns the pre-clip norm.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let norm = global_norm(grads)?;
-    if max_norm > 0.0 {
-        let coef = (max_norm / (norm + 1e-6)).min(1.0);
-        if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = (&*g * coef)?;
-            }
-        }
+/// Σ x² over every element of `tensors`, in f64. Contiguous f32 CPU tensors are summed by
+/// the pool in fixed chunks (so the result does not depend on scheduling); others with
+/// tensor ops on their device.
+pub fn sum_of_squares<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<f64> {
+    let mut total = 0f64;
+    for t in tensors {
+        let host = with_host_f32(t, |d| {
+            let parts: Vec<f64> = d
+                .par_chunks(ELEMS_PER_TASK)
+                .map(|c| dot(c, c) as f64)
+                .collect();
+            parts.iter().sum::<f64>()
+        });
+        total += match host {
+            Some(s) => s,
+            None => t
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?,
+        };
     }
-    Ok(norm)
+    Ok(total)
+}
+
+/// torch's `clip_grad_norm_`: the pre-clip global norm, and the factor
+/// min(1, max_norm / (norm + 1e-6)) to multiply the gradients by (1 when `max_norm` is 0,
+/// clipping off), for [`AdamW::step_scaled`].
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
+    let norm = global_norm(grads)?;
+    let coef = if max_norm > 0.0 {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    };
+    Ok((norm, coef))
 }
 
 #[cfg(test)]
@@ -294,12 +400,13 @@ mod tests {
             x * 10f32.powi(-(((i + salt) % 6) as i32))
         };
         let make = || {
-            let w: Vec<f32> = (0..600).map(|i| 1e-3 * value(i, 1)).collect();
+            // Over three of the host loop's parallel chunks, with a ragged last one.
+            let w: Vec<f32> = (0..60 * 900).map(|i| 1e-3 * value(i, 1)).collect();
             let b: Vec<f32> = (0..40).map(|i| 1e-3 * value(i, 2)).collect();
             vec![
                 (
                     "w.weight".to_string(),
-                    Var::from_vec(w, (20, 30), &dev).unwrap(),
+                    Var::from_vec(w, (60, 900), &dev).unwrap(),
                 ),
                 ("w.bias".to_string(), Var::from_vec(b, 40, &dev).unwrap()),
             ]
@@ -324,8 +431,11 @@ mod tests {
                     Tensor::from_vec(g, v.shape(), &dev).unwrap()
                 })
                 .collect();
-            host.step(&host_params, &grads, 0.1).unwrap();
-            device.step(&dev_params, &grads, 0.1).unwrap();
+            // Clipped on odd steps: the host loop's fused g·scale against the device's
+            // separate multiply (candle's affine, as the unfused clipping did).
+            let scale = if step % 2 == 1 { 0.37 } else { 1.0 };
+            host.step_scaled(&host_params, &grads, scale, 0.1).unwrap();
+            device.step_scaled(&dev_params, &grads, scale, 0.1).unwrap();
         }
         let bits = |t: &Tensor| -> Vec<u32> {
             t.flatten_all()
@@ -348,10 +458,38 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_max_norm() {
-        let mut g = vec![Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()];
-        let norm = clip_grad_norm(&mut g, 1.0).unwrap();
+        let g = vec![Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()];
+        let (norm, coef) = clip_grad_norm(&g, 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-9);
-        let after = global_norm(&g).unwrap();
+        assert_eq!(coef, 1.0 / (5.0 + 1e-6));
+        let after = global_norm(&[(&g[0] * coef).unwrap()]).unwrap();
         assert!((after - 1.0).abs() < 1e-5);
+        assert_eq!(clip_grad_norm(&g, 10.0).unwrap().1, 1.0);
+        assert_eq!(
+            clip_grad_norm(&g, 0.0).unwrap().1,
+            1.0,
+            "0 turns clipping off"
+        );
+    }
+
+    /// The pool's chunked sum against an f64 sum by hand, over several chunks; a transposed
+    /// (non-contiguous) view takes the tensor-op path to the same value.
+    #[test]
+    fn sum_of_squares_matches_a_hand_sum() {
+        let n = 7 * 7100; // three chunks of ELEMS_PER_TASK and a ragged fourth
+        let xs: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
+            .collect();
+        let want: f64 = xs.iter().map(|&x| x as f64 * x as f64).sum();
+        let t = Tensor::from_vec(xs, (n / 7, 7), &Device::Cpu).unwrap();
+        let small = Tensor::new(&[2.0f32, -1.0], &Device::Cpu).unwrap();
+        let got = sum_of_squares([&t, &small]).unwrap();
+        assert!(
+            (got - (want + 5.0)).abs() < 1e-6 * want,
+            "{got} vs {}",
+            want + 5.0
+        );
+        let strided = sum_of_squares([&t.t().unwrap()]).unwrap();
+        assert!((strided - want).abs() < 1e-5 * want, "{strided} vs {want}");
     }
 }

@@ -87,8 +87,8 @@ pub fn update(
         grads.add(&store, vars)?;
         tokens += out.tokens;
     }
-    let mut grads = grads.finish(vars)?;
-    let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+    let grads = grads.finish(vars)?;
+    let (grad_norm, clip) = clip_grad_norm(&grads, cfg.max_grad_norm)?;
     if !grad_norm.is_finite() {
         return Err(stopped(
             &cfg.output_dir,
@@ -100,12 +100,12 @@ pub fn update(
     let warning = match guard {
         Some(g) => {
             let warning = g.check_grads(&cfg.output_dir, step + 1, grad_norm)?;
-            opt.step(vars, &grads, lr)?;
+            opt.step_scaled(vars, &grads, clip, lr)?;
             g.check_weights(vars, &cfg.output_dir, step + 1)?;
             warning
         }
         None => {
-            opt.step(vars, &grads, lr)?;
+            opt.step_scaled(vars, &grads, clip, lr)?;
             None
         }
     };

@@ -19,14 +19,14 @@
 //!
 //! Legend: n scored rows, c channels, v vocab.
 
+use std::sync::Mutex;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use std::sync::Mutex;
-
 use super::fast_exp::{log_sum_exp, scaled_exp_shifted_in_place};
 use super::gemm::{gemm_new, Mat};
-use super::par_zeros;
+use super::{par_zeros, with_host_f32};
 use crate::kernels::row_stats::{stats_of_row, RowStats};
 use crate::kernels::HeadLogprobs;
 use crate::model::frozen_dtype::{is_half, upcast};
@@ -77,13 +77,10 @@ fn row_pass(row: &[f32], target: u32, want_stats: bool) -> (f32, Option<RowStats
 
 /// Runs `f` on the elements of a contiguous f32 CPU tensor, in place (no copy).
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let (candle_core::Storage::Cpu(CpuStorage::F32(d)), Some((a, b))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        candle_core::bail!("lm-head-logprob: expected a contiguous f32 CPU tensor")
-    };
-    Ok(f(&d[a..b]))
+    match with_host_f32(t, f) {
+        Some(r) => Ok(r),
+        None => candle_core::bail!("lm-head-logprob: expected a contiguous f32 CPU tensor"),
+    }
 }
 
 /// Per row of (rows, v) logits: the target's log-probability, the log-normaliser and the

@@ -20,6 +20,7 @@ pub mod softmax;
 pub mod swiglu;
 pub mod thin_matmul;
 pub mod token_logprob;
+pub mod transpose;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Tensor};
@@ -52,6 +53,16 @@ pub(crate) fn par_zeros(len: usize) -> Vec<f32> {
 /// attention, log-softmax + gather, log-sigmoid) are written for.
 pub fn is_f32(t: &Tensor) -> bool {
     t.dtype() == DType::F32
+}
+
+/// Runs `f` on the data of `t` when it is a contiguous f32 tensor on the CPU (no copy, under
+/// its storage's read lock); `None` for any other tensor.
+pub(crate) fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(d)), Some((a, b))) => Some(f(&d[a..b])),
+        _ => None,
+    }
 }
 
 /// The contiguous f32 data of one op input.
