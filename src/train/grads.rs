@@ -4,6 +4,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use crate::error::Result;
+use crate::kernels::cpu::transpose::contiguous;
 
 /// One slot per trainable variable; empty until a backward pass reaches it.
 pub struct GradAccumulator {
@@ -21,9 +22,16 @@ impl GradAccumulator {
     pub fn add(&mut self, store: &GradStore, vars: &[(String, Var)]) -> Result<()> {
         for (g, (_, var)) in self.grads.iter_mut().zip(vars) {
             if let Some(new) = store.get(var) {
+                // On the CPU, laid out as the parameter (a linear layer's arrives
+                // transposed), so that clipping and the optimizer read it in one pass.
+                let new = if new.device().is_cpu() {
+                    contiguous(new)?
+                } else {
+                    new.clone()
+                };
                 *g = Some(match g.take() {
                     Some(old) => (old + new)?,
-                    None => new.clone(),
+                    None => new,
                 });
             }
         }
