@@ -10,6 +10,8 @@
 //!   default path's, and gradient checkpointing stays exact on the composed path.
 //! - gemm_bands.rs: the vendored candle-core's matrix product shared among threads by
 //!   column bands (LEASH-PATCH.md) against the product computed by hand.
+//! - strided_copy.rs: the vendored candle-core's copies shared among threads (transposed
+//!   heads, column slices, concatenation, whole copies) against indices computed by hand.
 //! - trap.rs: the vendored candle-core backward patch hands an op a contiguous gradient even
 //!   when its first contribution is a strided view (vendor/candle-core/LEASH-PATCH.md).
 //!
@@ -23,6 +25,7 @@ mod dispatch;
 mod gemm_bands;
 mod models;
 mod ops;
+mod strided_copy;
 mod trap;
 
 use candle_core::{DType, Device, Tensor};

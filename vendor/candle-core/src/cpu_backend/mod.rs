@@ -947,8 +947,24 @@ impl<I: IntDType> Map2 for IndexAdd<'_, I> {
     }
 }
 
+/// Copies of at least this many elements are shared among rayon's threads (leash patch, fifth
+/// change): a serial `contiguous()` of a transposed activation left the other cores idle.
+const PAR_COPY_MIN: usize = 1 << 16;
+/// Elements per rayon task of a shared copy.
+const PAR_COPY_TASK: usize = 1 << 14;
+
+fn par_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
+    if dst.len() < PAR_COPY_MIN {
+        dst.copy_from_slice(src);
+    } else {
+        dst.par_chunks_mut(PAR_COPY_TASK)
+            .zip(src.par_chunks(PAR_COPY_TASK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-fn copy2d_<T: Copy>(
+fn copy2d_<T: Copy + Send + Sync>(
     src: &[T],
     dst: &mut [T],
     d1: usize,
@@ -962,7 +978,24 @@ fn copy2d_<T: Copy>(
     if src_stride1 == d2 && dst_stride1 == d2 {
         let src_start = src_offset;
         let dst_start = dst_offset;
-        dst[dst_start..dst_start + d1 * d2].copy_from_slice(&src[src_start..src_start + d1 * d2]);
+        par_copy(
+            &mut dst[dst_start..dst_start + d1 * d2],
+            &src[src_start..src_start + d1 * d2],
+        );
+        return;
+    }
+    if d1 * d2 >= PAR_COPY_MIN && d1 > 1 && d2 > 0 && dst_stride1 >= d2 {
+        // Row r of the destination starts at r·dst_stride1: chunks of dst_stride1 elements
+        // (the last holding just its d2) are disjoint, one per row.
+        let end = dst_offset + (d1 - 1) * dst_stride1 + d2;
+        dst[dst_offset..end]
+            .par_chunks_mut(dst_stride1)
+            .with_min_len((PAR_COPY_TASK / d2).max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                let s = src_offset + r * src_stride1;
+                row[..d2].copy_from_slice(&src[s..s + d2]);
+            });
         return;
     }
     let mut src_idx = src_offset;
@@ -974,11 +1007,12 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+fn copy_strided_src_<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
     match src_l.strided_blocks() {
-        crate::StridedBlocks::SingleBlock { start_offset, len } => dst
-            [dst_offset..dst_offset + len]
-            .copy_from_slice(&src[start_offset..start_offset + len]),
+        crate::StridedBlocks::SingleBlock { start_offset, len } => par_copy(
+            &mut dst[dst_offset..dst_offset + len],
+            &src[start_offset..start_offset + len],
+        ),
         crate::StridedBlocks::UniformBlocks {
             start_offset,
             block_len,
@@ -1010,6 +1044,15 @@ fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l
         } => {
             let n_blocks = block_start_index.len();
             let dst = &mut dst[dst_offset..dst_offset + n_blocks * block_len];
+            if n_blocks * block_len >= PAR_COPY_MIN {
+                // A transposed (b, t, h, d) activation: runs of d shared among the threads.
+                let starts: Vec<usize> = block_start_index.collect();
+                dst.par_chunks_mut(block_len)
+                    .zip(starts.par_iter())
+                    .with_min_len((PAR_COPY_TASK / block_len).max(1))
+                    .for_each(|(d, &s)| d.copy_from_slice(&src[s..s + block_len]));
+                return;
+            }
             let mut dst_index = 0;
             for src_index in block_start_index {
                 dst[dst_index..dst_index + block_len]
