@@ -67,19 +67,27 @@ pub fn rope_tables(
     inv_freq: &[f32],
     device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    use rayon::prelude::*;
     let half = inv_freq.len();
-    let mut cos = Vec::with_capacity(positions.len() * half * 2);
-    let mut sin = Vec::with_capacity(positions.len() * half * 2);
-    for &p in positions {
-        for _ in 0..2 {
-            for &f in inv_freq {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
+    let width = 2 * half;
+    let mut cos = vec![0f32; positions.len() * width];
+    let mut sin = vec![0f32; positions.len() * width];
+    // Each angle once (its two halves are equal), rows on the pool: serial, the tables were
+    // ~0.6 % of a DPO step of the side-by-side workload with the workers idle.
+    if width > 0 {
+        cos.par_chunks_mut(width)
+            .zip(sin.par_chunks_mut(width))
+            .zip(positions.par_iter())
+            .with_min_len(64)
+            .for_each(|((c, s), &p)| {
+                for (j, &f) in inv_freq.iter().enumerate() {
+                    let angle = p as f32 * f;
+                    (c[j], s[j]) = (angle.cos(), angle.sin());
+                    (c[j + half], s[j + half]) = (c[j], s[j]);
+                }
+            });
     }
-    let shape = (positions.len(), half * 2);
+    let shape = (positions.len(), width);
     Ok((
         Tensor::from_vec(cos, shape, device)?,
         Tensor::from_vec(sin, shape, device)?,
@@ -118,3 +126,28 @@ pub const MASKED: f32 = -1e30;
 
 /// The dtype all compute runs in.
 pub const COMPUTE_DTYPE: DType = DType::F32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Row p holds cos/sin of p·f for each frequency, the frequencies repeated twice
+    /// (rotate-half), for more rows than one task of the pool; against f64 by hand.
+    #[test]
+    fn rope_tables_by_hand() {
+        let inv_freq = [1.0f32, 0.25, 0.01];
+        let positions: Vec<u32> = (0..300).rev().collect();
+        let (cos, sin) = rope_tables(&positions, &inv_freq, &Device::Cpu).unwrap();
+        assert_eq!(cos.dims(), &[300, 6]);
+        let (cos, sin) = (cos.to_vec2::<f32>().unwrap(), sin.to_vec2::<f32>().unwrap());
+        for (row, &p) in positions.iter().enumerate() {
+            for col in 0..6 {
+                let angle = (p as f32 * inv_freq[col % 3]) as f64;
+                assert!((cos[row][col] as f64 - angle.cos()).abs() < 1e-6);
+                assert!((sin[row][col] as f64 - angle.sin()).abs() < 1e-6);
+            }
+        }
+        let (c0, _) = rope_tables(&positions, &[], &Device::Cpu).unwrap();
+        assert_eq!(c0.dims(), &[300, 0]);
+    }
+}

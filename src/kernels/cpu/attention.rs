@@ -50,9 +50,12 @@ const HIDDEN_AT: f32 = MASKED / 10.0;
 /// sees no key at all gets the whole row. `mask` is (b, 1, t, s).
 fn key_spans(mask: &[f32], b: usize, t: usize, s: usize) -> Vec<Vec<Vec<(usize, usize)>>> {
     let key_tiles = s.div_ceil(TILE);
+    // On the pool: a serial scan of the (b, t, s) mask per layer was ~1 % of a DPO step.
     (0..b)
+        .into_par_iter()
         .map(|batch| {
             (0..t.div_ceil(TILE))
+                .into_par_iter()
                 .map(|qt| {
                     let mut seen = vec![false; key_tiles];
                     let mut blind_query = false;
