@@ -232,7 +232,12 @@ fn reference_logps(
             let mut a = Vec::with_capacity(p);
             let mut r = Vec::with_capacity(p);
             for (pos, _) in examples {
-                let (x, y) = cache.get(pos).copied().unwrap_or((f32::NAN, f32::NAN));
+                let Some(&(x, y)) = cache.get(pos) else {
+                    return Err(crate::error::LeashError::usage(
+                        format!("the precomputed reference has no log-probs for example {pos}"),
+                        "delete ref_logps_*.json in the output folder to recompute them",
+                    ));
+                };
                 a.push(x);
                 r.push(y);
             }
