@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use super::fast_exp::{log_sum_exp, scaled_exp_shifted_in_place};
 use super::gemm::{gemm_new, Mat};
-use super::{par_zeros, with_host_f32};
+use super::with_host_f32;
 use crate::kernels::row_stats::{stats_of_row, RowStats};
 use crate::kernels::HeadLogprobs;
 use crate::model::frozen_dtype::{is_half, upcast};
@@ -91,7 +91,7 @@ fn score_rows(
     targets: &[u32],
     want_stats: bool,
 ) -> Vec<(f32, f32, Option<RowStats>)> {
-    data.par_chunks(v)
+    data.par_chunks(v.max(1))
         .zip(targets.par_iter())
         .map(|(row, &t)| {
             let (l, s) = row_pass(row, t, want_stats);
@@ -160,8 +160,8 @@ pub fn chunked(
     } else {
         for r0 in (0..n).step_by(chunk) {
             let len = chunk.min(n - r0);
-            let logits = h.narrow(0, r0, len)?.matmul(&w.t()?)?.contiguous()?; // (len, v)
-            with_f32(&logits, |data| record(data, &targets[r0..r0 + len]))?;
+            let logits = all_logits(&h.narrow(0, r0, len)?, &w)?; // (len, v)
+            record(&logits, &targets[r0..r0 + len]);
         }
     }
     let token_logps = if hidden.track_op() || weight.track_op() {
@@ -246,44 +246,26 @@ impl CustomOp2 for LmHeadLogprob {
             scaled_exp_shifted_in_place(row, l, -gi);
             row[t as usize] += gi;
         };
-        let kept = self
+        // Forward's logits if it kept them (one chunk of all rows), else each chunk's
+        // recomputed by the same product; either way overwritten in place by their gradient.
+        let mut kept = self
             .kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        if let Some(mut gl) = kept {
-            gl.par_chunks_mut(v.max(1))
-                .enumerate()
-                .for_each(|(i, row)| grad_of_row(i, row));
-            let gl = Tensor::from_vec(gl, (n, v), hidden.device())?;
-            let grad_h = if hidden.track_op() && n > 0 {
-                Some(gl.matmul(&w)?) // (n, c)
-            } else {
-                None
-            };
-            let grad_w = if weight.track_op() {
-                Some(gl.t()?.matmul(&h)?) // (v, c)
-            } else {
-                None
-            };
-            return Ok((grad_h, grad_w));
-        }
+        let rows = if kept.is_some() { n.max(1) } else { self.rows };
         let mut grad_h = Vec::new();
         let mut grad_w: Option<Tensor> = None;
-        for r0 in (0..n).step_by(self.rows) {
-            let len = self.rows.min(n - r0);
+        for r0 in (0..n).step_by(rows) {
+            let len = rows.min(n - r0);
             let h_c = h.narrow(0, r0, len)?;
-            let logits = h_c.matmul(&w.t()?)?.contiguous()?;
-            let mut gl = par_zeros(len * v);
-            with_f32(&logits, |data| {
-                gl.par_chunks_mut(v)
-                    .zip(data.par_chunks(v))
-                    .enumerate()
-                    .for_each(|(i, (out, row))| {
-                        out.copy_from_slice(row);
-                        grad_of_row(r0 + i, out);
-                    })
-            })?;
+            let mut gl = match kept.take() {
+                Some(logits) => logits,
+                None => all_logits(&h_c, &w)?,
+            };
+            gl.par_chunks_mut(v.max(1))
+                .enumerate()
+                .for_each(|(i, row)| grad_of_row(r0 + i, row));
             let gl = Tensor::from_vec(gl, (len, v), hidden.device())?;
             if hidden.track_op() {
                 grad_h.push(gl.matmul(&w)?); // (len, c)
