@@ -10,11 +10,13 @@
 //!
 //! Legend: n elements.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{data, fast_exp, is_f32, par_zeros, ELEMS_PER_TASK};
+use super::{assume_written, data, fast_exp, is_f32, uninit, ELEMS_PER_TASK};
 
 /// Whether the kernel takes these operands: f32 gate and up of one shape.
 pub fn supports(gate: &Tensor, up: &Tensor) -> bool {
@@ -38,20 +40,26 @@ fn sigmoid_silu(a: f32) -> (f32, f32) {
 
 /// y = silu(a) · u over one task's elements.
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
-fn forward_chunk(y: &mut [f32], a: &[f32], u: &[f32]) {
+fn forward_chunk(y: &mut [MaybeUninit<f32>], a: &[f32], u: &[f32]) {
     for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
-        *y = sigmoid_silu(a).1 * u;
+        y.write(sigmoid_silu(a).1 * u);
     }
 }
 
 /// d gate and d up of y = silu(a) · u for upstream g, over one task's elements.
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
-fn backward_chunk(da: &mut [f32], du: &mut [f32], a: &[f32], u: &[f32], g: &[f32]) {
+fn backward_chunk(
+    da: &mut [MaybeUninit<f32>],
+    du: &mut [MaybeUninit<f32>],
+    a: &[f32],
+    u: &[f32],
+    g: &[f32],
+) {
     let grads = da.iter_mut().zip(du.iter_mut());
     for ((da, du), ((&a, &u), &g)) in grads.zip(a.iter().zip(u).zip(g)) {
         let (s, silu) = sigmoid_silu(a);
-        *da = g * u * s * (1.0 + a * (1.0 - s));
-        *du = g * silu;
+        da.write(g * u * s * (1.0 + a * (1.0 - s)));
+        du.write(g * silu);
     }
 }
 
@@ -72,13 +80,16 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: gate {:?} vs up {:?}", l1.shape(), l2.shape())
         }
-        let mut y = par_zeros(a.len());
+        let mut y = uninit(a.len());
         y.par_chunks_mut(ELEMS_PER_TASK)
             .zip(
                 a.par_chunks(ELEMS_PER_TASK)
                     .zip(u.par_chunks(ELEMS_PER_TASK)),
             )
             .for_each(|(y, (a, u))| forward_chunk(y, a, u));
+        // SAFETY: a, u and y have one length (checked above), so the zipped chunks cover y
+        // and `forward_chunk` writes every element of each.
+        let y = unsafe { assume_written(y) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -121,7 +132,7 @@ impl CustomOp3 for SwiGluGrad {
             candle_core::bail!("swiglu grad: mismatched gate, up and grad sizes")
         }
         let n = a.len();
-        let mut out = par_zeros(2 * n);
+        let mut out = uninit(2 * n);
         let (da, du) = out.split_at_mut(n);
         da.par_chunks_mut(ELEMS_PER_TASK)
             .zip(du.par_chunks_mut(ELEMS_PER_TASK))
@@ -131,6 +142,9 @@ impl CustomOp3 for SwiGluGrad {
                     .zip(g.par_chunks(ELEMS_PER_TASK)),
             )
             .for_each(|(((da, du), a), (u, g))| backward_chunk(da, du, a, u, g));
+        // SAFETY: da, du, a, u and g all have n elements (checked above), so the zipped
+        // chunks cover both halves and `backward_chunk` writes every element of each.
+        let out = unsafe { assume_written(out) };
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
     }
 }
