@@ -241,6 +241,32 @@ fn attention_over_several_tiles() {
     );
 }
 
+/// The kernel reuses a mask's tiles while the next call attends over the same mask tensor
+/// (every layer of a forward does): calls alternating between two masks of one shape, on one
+/// thread, must each get their own mask's result.
+#[test]
+fn attention_alternating_masks() {
+    let (b, hq, hkv, t, d) = (2, 2, 2, 192, 8);
+    let packed = multi_tile_mask();
+    let causal = padded_mask(b, t, t, t);
+    let q = var(&[b, hq, t, d], 1.0, 33);
+    let k = var(&[b, hkv, t, d], 1.0, 34);
+    let v = var(&[b, hkv, t, d], 1.0, 35);
+    let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+    for (name, mask) in [
+        ("packed", &packed),
+        ("causal", &causal),
+        ("packed again", &packed),
+    ] {
+        check(
+            &format!("attention, {name} mask"),
+            &[&q, &k, &v],
+            || cpu::attention::attention(qt, kt, vt, mask, 0.35).unwrap(),
+            || composed::attention(qt, kt, vt, mask, 0.35).unwrap(),
+        );
+    }
+}
+
 #[test]
 fn token_logprobs() {
     let logits = var(&[5, 11], 3.0, 17);

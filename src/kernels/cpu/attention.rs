@@ -28,14 +28,16 @@
 //!
 //! Legend: b batch, hq query heads, hkv key/value heads, t queries, s keys, d head dim.
 
-use std::sync::Mutex;
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, TensorId};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::fast_exp::exp_shifted_in_place;
-use super::gemm::{gemm_into_serial, gemm_into_tile, Mat};
-use super::{data, dot, is_f32, max, par_zeros};
+use super::gemm::{gemm_into_serial, gemm_into_tile, gemm_write_tile, Mat};
+use super::{assume_written, data, dot, is_f32, max, par_zeros, uninit, written_mut};
 use crate::model::ops::MASKED;
 
 /// Queries and keys per tile of the score matrix (see the module comment).
@@ -127,7 +129,7 @@ impl Packed {
     }
 
     /// The block of every (batch, head), in order, as disjoint mutable slices of `buf`.
-    fn blocks<'a>(&self, buf: &'a mut [f32], heads: usize) -> Vec<&'a mut [f32]> {
+    fn blocks<'a, T>(&self, buf: &'a mut [T], heads: usize) -> Vec<&'a mut [T]> {
         let mut rest = buf;
         self.block_ranges(heads)
             .into_iter()
@@ -174,6 +176,34 @@ fn packed_view(tile: &[f32], rows: usize, width: usize, col: usize, cols: usize)
         cols,
         rs: width,
         cs: 1,
+    }
+}
+
+// The element loops of the forward and backward, as functions of their own so they are
+// compiled for AVX-512 and AVX2 (inside the rayon closures they were compiled for the baseline
+// x86-64 only).
+
+/// x ← scale·x + m, element by element.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn scale_add(xs: &mut [f32], scale: f32, mask: &[f32]) {
+    for (x, &m) in xs.iter_mut().zip(mask) {
+        *x = scale * *x + m;
+    }
+}
+
+/// x ← x / total, element by element (a division, as the composed softmax rounds it).
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn divide(xs: &mut [f32], total: f32) {
+    for x in xs.iter_mut() {
+        *x /= total;
+    }
+}
+
+/// One row of dS = P ⊙ (dP − c), with c = rowsum(dP ⊙ P): `ds` holds dP on entry.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn softmax_grad_row(ds: &mut [f32], p: &[f32], c: f32) {
+    for (x, &p) in ds.iter_mut().zip(p) {
+        *x = p * (*x - c);
     }
 }
 
@@ -249,8 +279,37 @@ struct Attention {
 /// (so the backward reads neither the mask nor computes them again).
 struct Saved {
     probs: Vec<f32>,
+    tiles: Arc<MaskTiles>,
+}
+
+/// A mask's key spans ([`key_spans`]) and the packed layout they give ([`Packed`]).
+struct MaskTiles {
     spans: Vec<Vec<Vec<(usize, usize)>>>,
     packed: Packed,
+}
+
+thread_local! {
+    /// The last mask's tiles on this thread: every layer of a forward attends over the same
+    /// mask tensor, so its (b, t, s) values are scanned once per forward, not once per layer.
+    static LAST_MASK: RefCell<Option<(TensorId, Arc<MaskTiles>)>> = const { RefCell::new(None) };
+}
+
+/// The tiles of `mask` (b, 1, t, s), whose values are `values`: the last ones computed on this
+/// thread when `mask` is the same tensor (candle tensors do not change once made), else
+/// computed now.
+fn mask_tiles(mask: &Tensor, values: &[f32], b: usize, t: usize, s: usize) -> Arc<MaskTiles> {
+    let id = mask.id();
+    if let Some(tiles) = LAST_MASK.with(|last| match &*last.borrow() {
+        Some((last_id, tiles)) if *last_id == id => Some(tiles.clone()),
+        _ => None,
+    }) {
+        return tiles;
+    }
+    let spans = key_spans(values, b, t, s);
+    let packed = Packed::new(&spans, t);
+    let tiles = Arc::new(MaskTiles { spans, packed });
+    LAST_MASK.with(|last| *last.borrow_mut() = Some((id, tiles.clone())));
+    tiles
 }
 
 fn f32_slice<'a>(storage: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -290,10 +349,12 @@ impl CustomOp3 for Attention {
             d,
         } = self.dims;
         let rep = hq / hkv;
-        let spans = key_spans(mask, b, t, s);
-        let packed = Packed::new(&spans, t);
-        let mut probs = par_zeros(packed.len(hq));
-        let mut out = par_zeros(b * hq * t * d);
+        let tiles = mask_tiles(&self.mask, mask, b, t, s);
+        let (spans, packed) = (&tiles.spans, &tiles.packed);
+        // Neither buffer is zero-filled: every tile of scores and every row of the output is
+        // written by its first product below.
+        let mut probs = uninit(packed.len(hq));
+        let mut out = uninit(b * hq * t * d);
         packed
             .blocks(&mut probs, hq)
             .into_par_iter()
@@ -313,35 +374,48 @@ impl CustomOp3 for Attention {
                     // S = Q·Kᵀ on the spans, side by side in the packed tile.
                     for (col, k0, k1) in packed_spans(spans) {
                         let k_span = Mat::dense(&kb[k0 * d..k1 * d], k1 - k0, d).t();
-                        gemm_into_tile(&mut tile[col..], width, false, 1.0, q_tile, k_span, 1)?;
+                        gemm_write_tile(&mut tile[col..], width, 1.0, q_tile, k_span)?;
                     }
+                    // SAFETY: the spans' columns lie side by side and add up to `width`, so the
+                    // products above wrote every element of the tile's rows.
+                    let tile = unsafe { written_mut(tile) };
                     // P = softmax(scale·S + M), row by row.
                     for (row, i) in tile.chunks_mut(width.max(1)).zip(rows.0..rows.1) {
                         let m = &mask[(batch * t + i) * s..(batch * t + i + 1) * s];
                         for (col, k0, k1) in packed_spans(spans) {
-                            let scores = &mut row[col..col + k1 - k0];
-                            for (x, &m) in scores.iter_mut().zip(&m[k0..k1]) {
-                                *x = self.scale * *x + m;
-                            }
+                            scale_add(&mut row[col..col + k1 - k0], self.scale, &m[k0..k1]);
                         }
                         let total = exp_shifted_in_place(row, max(row));
-                        row.iter_mut().for_each(|x| *x /= total);
+                        divide(row, total);
                     }
-                    // O = P·V on the spans.
+                    // O = P·V on the spans: the first product writes the rows, the others add.
                     let o_tile = &mut o[rows.0 * d..rows.1 * d];
-                    for (n, (col, k0, k1)) in packed_spans(spans).enumerate() {
+                    let mut products = packed_spans(spans).map(|(col, k0, k1)| {
                         let p_span = packed_view(tile, n_rows, width, col, k1 - k0);
-                        let v_span = Mat::dense(&vb[k0 * d..k1 * d], k1 - k0, d);
-                        gemm_into_serial(o_tile, n > 0, 1.0, p_span, v_span)?;
+                        (p_span, Mat::dense(&vb[k0 * d..k1 * d], k1 - k0, d))
+                    });
+                    match products.next() {
+                        Some((p_span, v_span)) => gemm_write_tile(o_tile, d, 1.0, p_span, v_span)?,
+                        None => o_tile.iter_mut().for_each(|x| {
+                            x.write(0.0);
+                        }),
+                    }
+                    // SAFETY: every element of the tile was written just above.
+                    let o_tile = unsafe { written_mut(o_tile) };
+                    for (p_span, v_span) in products {
+                        gemm_into_serial(o_tile, true, 1.0, p_span, v_span)?;
                     }
                 }
                 Ok(())
             })?;
+        // SAFETY: the blocks cover `probs` and each block's tiles cover it (`Packed`), the
+        // (batch, head) chunks cover `out` and each one's query tiles cover its t rows; every
+        // tile was written above.
+        let (probs, out) = unsafe { (assume_written(probs), assume_written(out)) };
         if let Ok(mut saved) = self.saved.lock() {
             *saved = Some(Saved {
                 probs,
-                spans,
-                packed,
+                tiles: tiles.clone(),
             });
         }
         Ok((CpuStorage::F32(out), Shape::from((b, hq, t, d))))
@@ -359,14 +433,10 @@ impl CustomOp3 for Attention {
             Ok(mut saved) => saved.take(),
             Err(_) => None,
         };
-        let Some(Saved {
-            probs,
-            spans,
-            packed,
-        }) = saved
-        else {
+        let Some(Saved { probs, tiles }) = saved else {
             candle_core::bail!("fused attention: backward without a saved forward")
         };
+        let (spans, packed) = (&tiles.spans, &tiles.packed);
         let grad = grad.contiguous()?;
         let (qg, kg, vg, gg) = (
             q.storage_and_layout(),
@@ -434,9 +504,7 @@ impl CustomOp3 for Attention {
                         let w = width.max(1);
                         for (dsr, pr) in ds.chunks_mut(w).zip(p_tile.chunks(w)) {
                             let c = dot(dsr, pr);
-                            for (x, &p) in dsr.iter_mut().zip(pr) {
-                                *x = p * (*x - c);
-                            }
+                            softmax_grad_row(dsr, pr, c);
                         }
                         // dQ = scale·dS·K; dK += scale·dSᵀ·Q
                         let dq_tile = &mut dqb[rows.0 * d..rows.1 * d];

@@ -3,6 +3,8 @@
 //! multiply inside one graph node: strided views, f32 and f64, bounds checked before the one
 //! `unsafe` call.
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout};
 
@@ -189,16 +191,8 @@ pub(super) fn gemm_into_tile<T: Float>(
     rhs: Mat<T>,
     threads: usize,
 ) -> candle_core::Result<()> {
+    check_tile(dst.len(), dst_stride, lhs, rhs)?;
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    let dst_fits = m == 0 || n == 0 || (dst_stride >= n && (m - 1) * dst_stride + n <= dst.len());
-    if !dst_fits || !operands_fit(lhs, rhs) {
-        candle_core::bail!(
-            "gemm: shapes ({m}, {k}) · ({}, {n}) into {} elements with row stride \
-             {dst_stride}, or a view past its slice",
-            rhs.rows,
-            dst.len()
-        )
-    }
     if m == 0 || n == 0 || k == 0 {
         if !accumulate {
             for row in dst.chunks_mut(dst_stride.max(1)).take(m) {
@@ -221,6 +215,68 @@ pub(super) fn gemm_into_tile<T: Float>(
             threads,
         )
     };
+    Ok(())
+}
+
+/// dst (m, n) ← beta·lhs·rhs into the (m, n) block of a row-major buffer not written yet
+/// (rows `dst_stride` apart, as [`gemm_into_tile`]), on the calling thread: every element of
+/// the block is written, so the caller may read it as initialised afterwards. For kernels
+/// whose outputs are products (attention's scores and output), so they are not zero-filled
+/// first only to be overwritten.
+pub(super) fn gemm_write_tile<T: Float>(
+    dst: &mut [MaybeUninit<T>],
+    dst_stride: usize,
+    beta: f64,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) -> candle_core::Result<()> {
+    check_tile(dst.len(), dst_stride, lhs, rhs)?;
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        for row in dst.chunks_mut(dst_stride).take(m) {
+            row[..n].iter_mut().for_each(|x| {
+                x.write(T::ZERO);
+            });
+        }
+        return Ok(());
+    }
+    // SAFETY: as in `gemm_into_tile` (bounds checked by `check_tile`); `MaybeUninit<T>` has
+    // T's layout, and with accumulate false gemm stores every element of the block without
+    // loading it (as `gemm_new` relies on).
+    unsafe {
+        product_into(
+            dst.as_mut_ptr().cast::<T>(),
+            dst_stride,
+            false,
+            beta,
+            lhs,
+            rhs,
+            1,
+        )
+    };
+    Ok(())
+}
+
+/// That an (m, n) product fits a destination of `dst_len` elements with rows `dst_stride`
+/// apart, and lhs and rhs fit each other and their slices.
+fn check_tile<T: Float>(
+    dst_len: usize,
+    dst_stride: usize,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) -> candle_core::Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let dst_fits = m == 0 || n == 0 || (dst_stride >= n && (m - 1) * dst_stride + n <= dst_len);
+    if !dst_fits || !operands_fit(lhs, rhs) {
+        candle_core::bail!(
+            "gemm: shapes ({m}, {k}) · ({}, {n}) into {dst_len} elements with row stride \
+             {dst_stride}, or a view past its slice",
+            rhs.rows
+        )
+    }
     Ok(())
 }
 
@@ -269,4 +325,48 @@ unsafe fn product_into<T: Float>(
         T::of(beta),
         threads,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `gemm_write_tile` writes exactly the (m, n) block of a strided destination: each element
+    /// equals the product summed by hand in f64, and the elements around the block (between
+    /// its rows, after its last row) keep the values they had. With k = 0 the block is zeros.
+    #[test]
+    fn write_tile_writes_exactly_its_block() {
+        let (m, k, n, stride) = (5, 7, 3, 4);
+        let lhs: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        // rhs stored transposed, as attention's keys are read: (n, k) row-major.
+        let rhs: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.71).cos()).collect();
+        let sentinel = -7.5f32;
+        let len = (m - 1) * stride + n + 2;
+        let mut dst = vec![MaybeUninit::new(sentinel); len];
+        let (a, b) = (Mat::dense(&lhs, m, k), Mat::dense(&rhs, n, k).t());
+        gemm_write_tile(&mut dst, stride, 2.0, a, b).unwrap();
+        for (at, x) in dst.iter().enumerate() {
+            // SAFETY: every element started initialised (the sentinel).
+            let x = unsafe { x.assume_init() };
+            let (i, j) = (at / stride, at % stride);
+            if i < m && j < n {
+                let want: f64 = (0..k)
+                    .map(|p| 2.0 * lhs[i * k + p] as f64 * rhs[j * k + p] as f64)
+                    .sum();
+                assert!((x as f64 - want).abs() < 1e-5, "({i}, {j}): {x} vs {want}");
+            } else {
+                assert_eq!(x, sentinel, "element {at} outside the block was written");
+            }
+        }
+        let empty: [f32; 0] = [];
+        let mut dst = vec![MaybeUninit::new(sentinel); len];
+        let (a, b) = (Mat::dense(&empty, m, 0), Mat::dense(&empty, 0, n));
+        gemm_write_tile(&mut dst, stride, 1.0, a, b).unwrap();
+        for (at, x) in dst.iter().enumerate() {
+            // SAFETY: as above.
+            let x = unsafe { x.assume_init() };
+            let inside = at / stride < m && at % stride < n;
+            assert_eq!(x, if inside { 0.0 } else { sentinel }, "element {at}");
+        }
+    }
 }
