@@ -6,7 +6,9 @@ Workload (issue 16, "Speed where users feel it"): a random-initialised Llama (vo
 random word is one token; every row is a prompt of <bos> + 127 random words (128 tokens) and a
 chosen and a rejected completion of 127 random words + <eos> (128 tokens); 8 pairs per step, one
 epoch. Both trainers run with their own defaults otherwise (live reference model), then both with
-`precompute_ref_log_probs` (the precompute pass is part of the run, so it is counted per row).
+`precompute_ref_log_probs` (the precompute pass is part of the run, so it is counted per row;
+each TRL run gets a fresh `datasets` cache, where TRL would otherwise find the log-probs an
+earlier run with the same data and arguments stored, and skip the pass).
 
 Per-step time = (wall time of a 9-step run - wall time of a 3-step run) / 6, so start-up, loading
 and the final save cancel: from the fastest run of each length, and (with several rounds) also
@@ -182,7 +184,14 @@ def main() -> None:
             for steps in (SHORT, LONG):
                 for side in ("trl", "leash"):
                     cmd = command(side, steps, precompute)
-                    secs, cpu_s, rss = run(cmd, env, out_dir(side, steps, precompute))
+                    out = out_dir(side, steps, precompute)
+                    # Each TRL run gets an empty `datasets` cache inside its (just emptied) output
+                    # folder: TRL stores the precomputed reference log-probs in that cache, keyed
+                    # by the data and the run's arguments, so with the shared ~/.cache a repeated
+                    # round found them there and skipped the very pass it is timed for (leash's
+                    # ref_logps_*.json lives in its output folder, emptied before every run).
+                    run_env = dict(env, HF_DATASETS_CACHE=str(Path(out) / "hf_datasets_cache"))
+                    secs, cpu_s, rss = run(cmd, run_env, out)
                     wall[(side, steps)].append(secs)
                     cpu[(side, steps)].append(cpu_s)
                     with open("/proc/loadavg") as f:
