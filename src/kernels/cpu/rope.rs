@@ -12,12 +12,11 @@
 //!
 //! Legend: b batch, h heads, t time, d head dim.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
-
 use std::mem::MaybeUninit;
 
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use multiversion::multiversion;
+use rayon::prelude::*;
 
 use super::{assume_written, f32s, is_f32, uninit, ROWS_PER_TASK};
 
@@ -88,6 +87,7 @@ fn strides3(l: &Layout, dims: &[usize], op: &str) -> candle_core::Result<[usize;
 /// call was compiled for the baseline x86-64 only: 2 % of the DPO step's samples).
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
 fn rotate_row(y: &mut [MaybeUninit<f32>], x: &[f32], cos: &[f32], sin: &[f32], inverse: bool) {
+    debug_assert!(x.len() == y.len() && cos.len() == y.len() && sin.len() == y.len());
     let half = y.len() / 2;
     let (y1, y2) = y.split_at_mut(half);
     let (x1, x2) = x.split_at(half);
