@@ -35,7 +35,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, TensorI
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::fast_exp::exp_shifted_in_place;
+use super::fast_exp::{divide_in_place, exp_shifted_in_place};
 use super::gemm::{gemm_into_serial, gemm_into_tile, gemm_write_tile, Mat};
 use super::{assume_written, data, dot, is_f32, max, par_zeros, uninit, written_mut};
 use crate::model::ops::MASKED;
@@ -188,14 +188,6 @@ fn packed_view(tile: &[f32], rows: usize, width: usize, col: usize, cols: usize)
 fn scale_add(xs: &mut [f32], scale: f32, mask: &[f32]) {
     for (x, &m) in xs.iter_mut().zip(mask) {
         *x = scale * *x + m;
-    }
-}
-
-/// x ← x / total, element by element (a division, as the composed softmax rounds it).
-#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
-fn divide(xs: &mut [f32], total: f32) {
-    for x in xs.iter_mut() {
-        *x /= total;
     }
 }
 
@@ -386,7 +378,7 @@ impl CustomOp3 for Attention {
                             scale_add(&mut row[col..col + k1 - k0], self.scale, &m[k0..k1]);
                         }
                         let total = exp_shifted_in_place(row, max(row));
-                        divide(row, total);
+                        divide_in_place(row, total);
                     }
                     // O = P·V on the spans: the first product writes the rows, the others add.
                     let o_tile = &mut o[rows.0 * d..rows.1 * d];

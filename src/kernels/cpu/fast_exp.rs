@@ -139,6 +139,15 @@ pub fn scaled_exp_shifted_in_place(xs: &mut [f32], shift: f32, scale: f32) {
     }
 }
 
+/// xs[i] ← xs[i] / total: a row of exps made a softmax row (a division, as the composed
+/// softmax rounds it; softmax's and attention's forward).
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn divide_in_place(xs: &mut [f32], total: f32) {
+    for x in xs.iter_mut() {
+        *x /= total;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

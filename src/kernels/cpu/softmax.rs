@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fast_exp::exp_shifted_in_place;
+use super::fast_exp::{divide_in_place, exp_shifted_in_place};
 use super::{data, dot, is_f32, max, ROWS_PER_TASK};
 
 /// Whether the kernel takes `x`: f32.
@@ -41,9 +41,7 @@ impl CustomOp1 for Softmax {
             .for_each(|(y, x)| {
                 y.copy_from_slice(x);
                 let total = exp_shifted_in_place(y, max(x));
-                for y in y.iter_mut() {
-                    *y /= total;
-                }
+                divide_in_place(y, total);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
